@@ -1,0 +1,165 @@
+"""Object stores behind one small interface: a local folder (the embedded default) or S3/MinIO.
+
+Both make a written object visible only once it is complete: the folder writes a temporary file
+and renames it; S3 PUTs are atomic by the protocol.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, Protocol
+from urllib.parse import urlparse
+
+
+class ObjectStoreError(RuntimeError):
+    """The store could not be reached or refused an operation."""
+
+
+class ObjectNotFound(ObjectStoreError):
+    pass
+
+
+@dataclass(frozen=True)
+class ObjectInfo:
+    key: str
+    size: int
+
+
+class ObjectStore(Protocol):
+    url: str
+
+    def put_bytes(self, key: str, data: bytes) -> None: ...
+    def get_bytes(self, key: str) -> bytes: ...
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
+    def delete(self, key: str) -> None: ...
+
+
+class LocalFolderStore:
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+        self.url = str(self.root)
+
+    def _path(self, key: str) -> Path:
+        path = (self.root / key).resolve()
+        if self.root.resolve() not in path.parents and path != self.root.resolve():
+            raise ObjectStoreError(f"key escapes the store: {key}")
+        return path
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        path = self._path(key)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        try:
+            with os.fdopen(fd, "wb") as handle:
+                handle.write(data)
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    def get_bytes(self, key: str) -> bytes:
+        try:
+            return self._path(key).read_bytes()
+        except FileNotFoundError:
+            raise ObjectNotFound(key) from None
+        except OSError as error:
+            raise ObjectStoreError(f"{key}: {error}") from error
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        base = self.root / prefix if prefix.endswith("/") else self.root
+        if not base.exists():
+            return
+        for path in sorted(base.rglob("*")):
+            if path.is_file() and not path.name.startswith(".tmp-"):
+                key = path.relative_to(self.root).as_posix()
+                if key.startswith(prefix):
+                    yield ObjectInfo(key, path.stat().st_size)
+
+    def delete(self, key: str) -> None:
+        self._path(key).unlink(missing_ok=True)
+
+
+class S3Store:
+    """An S3-compatible bucket (MinIO in production) through the minio SDK."""
+
+    def __init__(self, bucket: str, prefix: str, endpoint: str, access_key: str | None, secret_key: str | None,
+                 create_bucket: bool = True):
+        from minio import Minio
+
+        parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        self.client = Minio(parsed.netloc, access_key=access_key, secret_key=secret_key,
+                            secure=parsed.scheme == "https", region="us-east-1")
+        try:
+            if create_bucket and not self.client.bucket_exists(bucket):
+                self.client.make_bucket(bucket)
+        except Exception as error:  # urllib3 and S3 errors alike: the store is unusable
+            raise ObjectStoreError(f"object store {endpoint} bucket {bucket}: {error}") from error
+
+    def _key(self, key: str) -> str:
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def put_bytes(self, key: str, data: bytes) -> None:
+        try:
+            self.client.put_object(self.bucket, self._key(key), io.BytesIO(data), len(data))
+        except Exception as error:
+            raise ObjectStoreError(f"put {key}: {error}") from error
+
+    def get_bytes(self, key: str) -> bytes:
+        from minio.error import S3Error
+
+        response = None
+        try:
+            response = self.client.get_object(self.bucket, self._key(key))
+            return response.read()
+        except S3Error as error:
+            if error.code in ("NoSuchKey", "NoSuchBucket"):
+                raise ObjectNotFound(key) from None
+            raise ObjectStoreError(f"get {key}: {error}") from error
+        except Exception as error:
+            raise ObjectStoreError(f"get {key}: {error}") from error
+        finally:
+            if response is not None:
+                response.close()
+                response.release_conn()
+
+    def list(self, prefix: str = "") -> Iterator[ObjectInfo]:
+        strip = len(self.prefix) + 1 if self.prefix else 0
+        try:
+            for obj in self.client.list_objects(self.bucket, prefix=self._key(prefix), recursive=True):
+                yield ObjectInfo(obj.object_name[strip:], obj.size or 0)
+        except Exception as error:
+            raise ObjectStoreError(f"list {prefix}: {error}") from error
+
+    def delete(self, key: str) -> None:
+        try:
+            self.client.remove_object(self.bucket, self._key(key))
+        except Exception as error:
+            raise ObjectStoreError(f"delete {key}: {error}") from error
+
+
+def s3_credentials_from_env() -> tuple[str | None, str | None]:
+    access = os.environ.get("STRATA_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
+    secret = os.environ.get("STRATA_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
+    return access, secret
+
+
+def open_object_store(location: str, endpoint: str | None = None, create: bool = True) -> ObjectStore:
+    """A folder path, file:///path or s3://bucket/prefix (endpoint from the spec or STRATA_S3_ENDPOINT)."""
+    if location.startswith("s3://"):
+        bucket, _, prefix = location[len("s3://"):].partition("/")
+        endpoint = endpoint or os.environ.get("STRATA_S3_ENDPOINT")
+        if not endpoint:
+            raise ObjectStoreError(f"{location}: no S3 endpoint (set spec.storage.s3Endpoint or STRATA_S3_ENDPOINT)")
+        access, secret = s3_credentials_from_env()
+        return S3Store(bucket, prefix, endpoint, access, secret, create_bucket=create)
+    if location.startswith("file://"):
+        location = urlparse(location).path
+    return LocalFolderStore(location)

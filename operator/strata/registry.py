@@ -1,0 +1,105 @@
+"""The layer registry: trained conv prefixes, keyed by prefix signature, with donor metadata.
+
+Layout in the object store (an entry is visible once its meta.json exists; weights go first):
+
+    layers/<signature key>/signature.json
+    layers/<signature key>/<study>-t<trial>/weights.pt     (a torch state dict, weights_only)
+    layers/<signature key>/<study>-t<trial>/meta.json      (DonorMeta, with the weights' sha256)
+
+This module moves bytes and metadata; strata_trainer.checkpoints turns tensors into bytes.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import asdict, dataclass
+
+from strata.architecture import PrefixSignature
+from strata.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
+
+log = logging.getLogger(__name__)
+ROOT = "layers"
+
+
+class CorruptCheckpoint(ObjectStoreError):
+    """The stored weights do not match the sha256 recorded for them."""
+
+
+@dataclass(frozen=True)
+class DonorMeta:
+    signature_key: str
+    depth: int
+    study: str
+    trial_number: int
+    val_loss: float
+    epochs: int
+    sha256: str
+    size: int
+    created: float
+
+    @property
+    def entry(self) -> str:
+        return f"{ROOT}/{self.signature_key}/{self.study}-t{self.trial_number}"
+
+    @property
+    def weights_key(self) -> str:
+        return f"{self.entry}/weights.pt"
+
+
+class LayerRegistry:
+    def __init__(self, store: ObjectStore):
+        self.store = store
+
+    def publish(self, signature: PrefixSignature, weights: bytes, *, study: str, trial_number: int,
+                val_loss: float, epochs: int) -> DonorMeta:
+        meta = DonorMeta(
+            signature_key=signature.key, depth=signature.depth, study=study, trial_number=trial_number,
+            val_loss=float(val_loss), epochs=int(epochs), sha256=hashlib.sha256(weights).hexdigest(),
+            size=len(weights), created=time.time(),
+        )
+        self.store.put_bytes(f"{ROOT}/{signature.key}/signature.json",
+                             json.dumps(signature.canonical(), sort_keys=True).encode())
+        self.store.put_bytes(meta.weights_key, weights)
+        self.store.put_bytes(f"{meta.entry}/meta.json", json.dumps(asdict(meta), sort_keys=True).encode())
+        return meta
+
+    def donors(self, signature: PrefixSignature) -> list[DonorMeta]:
+        """Every committed entry for this signature (entries without meta.json are invisible)."""
+        donors = []
+        for info in self.store.list(f"{ROOT}/{signature.key}/"):
+            if not info.key.endswith("/meta.json"):
+                continue
+            try:
+                donors.append(DonorMeta(**json.loads(self.store.get_bytes(info.key))))
+            except (ObjectNotFound, ValueError, TypeError) as error:
+                log.warning("skipping unreadable donor metadata %s: %s", info.key, error)
+        return donors
+
+    def best_donor(self, signature: PrefixSignature, min_epochs: int = 1,
+                   exclude: set[str] | None = None) -> DonorMeta | None:
+        """The donor with the lowest validation loss among those trained at least min_epochs."""
+        usable = [d for d in self.donors(signature)
+                  if d.epochs >= min_epochs and d.val_loss == d.val_loss and d.entry not in (exclude or set())]
+        return min(usable, key=lambda d: (d.val_loss, d.created), default=None)
+
+    def has_donor(self, signature: PrefixSignature, min_epochs: int = 1) -> bool:
+        return self.best_donor(signature, min_epochs) is not None
+
+    def load_weights(self, donor: DonorMeta) -> bytes:
+        data = self.store.get_bytes(donor.weights_key)
+        digest = hashlib.sha256(data).hexdigest()
+        if digest != donor.sha256:
+            raise CorruptCheckpoint(f"{donor.weights_key}: sha256 {digest[:12]} != recorded {donor.sha256[:12]}")
+        return data
+
+    def usage(self) -> tuple[int, int]:
+        """(objects, bytes) of all weights in the registry."""
+        objects = size = 0
+        for info in self.store.list(f"{ROOT}/"):
+            if info.key.endswith("/weights.pt"):
+                objects += 1
+                size += info.size
+        return objects, size

@@ -1,0 +1,385 @@
+"""The HPOStudy spec: one typed model shared by the CLI, the scheduler, the trainer and the CRD.
+
+A study file and a Kubernetes manifest have the same shape:
+
+    apiVersion: hpo.strata.dev/v1alpha1
+    kind: HPOStudy
+    metadata: {name: fashion-quick}
+    spec: {objective: ..., searchSpace: ..., trials: ..., training: ..., reuse: ..., storage: ...}
+
+Field names are camelCase in YAML (Kubernetes convention) and snake_case in Python.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+from pathlib import Path
+from typing import Annotated, Any, Literal, Union
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic.alias_generators import to_camel
+
+API_GROUP = "hpo.strata.dev"
+API_VERSION = "v1alpha1"
+KIND = "HPOStudy"
+
+# Parameters of the paper's CNN family that the trainer understands (see strata.architecture).
+KNOWN_PARAMETERS = {
+    "convLayers": "number of conv blocks (3x3 conv, ReLU, 2x2 max-pool)",
+    "filters": "filters of every conv layer (one count shared by all layers, as in the paper)",
+    "kernelSize": "conv kernel size (odd; same padding)",
+    "fcLayout": "FC hidden layers as a dash-separated string of units, e.g. '500-250'; 'none' for no hidden layer",
+    "fcLayers": "number of FC hidden layers (used with fcUnits when fcLayout is absent)",
+    "fcUnits": "units of every FC hidden layer (used with fcLayers)",
+    "learningRate": "optimizer learning rate",
+    "batchSize": "minibatch size",
+    "optimizer": "adam, sgd or rmsprop",
+}
+OPTIMIZERS = ("adam", "sgd", "rmsprop")
+DATASETS = ("fashion-mnist", "mnist", "cifar10")
+_NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
+
+
+class SpecError(ValueError):
+    """A user error in a study file or manifest; the message names the field."""
+
+
+class _Model(BaseModel):
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+
+
+# --- search space -----------------------------------------------------------------------------
+
+
+class IntParam(_Model):
+    type: Literal["int"]
+    low: int
+    high: int
+    step: int = Field(1, ge=1)
+    log: bool = False
+
+    @model_validator(mode="after")
+    def _check(self) -> "IntParam":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low < 1:
+            raise ValueError("log scale needs low >= 1")
+        if self.log and self.step != 1:
+            raise ValueError("log scale cannot be combined with step")
+        return self
+
+    def values(self) -> list[int]:
+        return list(range(self.low, self.high + 1, self.step))
+
+
+class FloatParam(_Model):
+    type: Literal["float"]
+    low: float
+    high: float
+    log: bool = False
+    step: float | None = Field(None, gt=0)
+
+    @model_validator(mode="after")
+    def _check(self) -> "FloatParam":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        if self.log and self.low <= 0:
+            raise ValueError("log scale needs low > 0")
+        if self.log and self.step is not None:
+            raise ValueError("log scale cannot be combined with step")
+        return self
+
+    def values(self) -> list[float]:
+        if self.step is None:
+            raise SpecError("a float range without step has no finite grid")
+        n = int(round((self.high - self.low) / self.step))
+        return [round(self.low + i * self.step, 12) for i in range(n + 1)]
+
+
+class CategoricalParam(_Model):
+    type: Literal["categorical"]
+    choices: list[Union[bool, int, float, str]] = Field(min_length=1)
+
+    def values(self) -> list[Any]:
+        return list(self.choices)
+
+
+Parameter = Annotated[Union[IntParam, FloatParam, CategoricalParam], Field(discriminator="type")]
+
+
+# --- the rest of the spec ---------------------------------------------------------------------
+
+
+class Objective(_Model):
+    metric: Literal["val_loss", "val_accuracy"] = "val_loss"
+    direction: Literal["minimize", "maximize"] | None = None
+    goal: float | None = None  # stop the study once a trial reaches this value
+
+    @property
+    def resolved_direction(self) -> str:
+        if self.direction:
+            return self.direction
+        return "minimize" if self.metric == "val_loss" else "maximize"
+
+    def reached(self, value: float | None) -> bool:
+        if self.goal is None or value is None:
+            return False
+        return value <= self.goal if self.resolved_direction == "minimize" else value >= self.goal
+
+
+class Sampler(_Model):
+    name: Literal["tpe", "random", "grid", "cmaes", "gp", "qmc"] = "tpe"
+    seed: int | None = None
+    startup_trials: int | None = Field(None, ge=0)  # random trials before TPE/GP model the space
+
+
+class Pruner(_Model):
+    name: Literal["none", "median", "successiveHalving", "hyperband"] = "none"
+    startup_trials: int = Field(5, ge=0)
+    warmup_steps: int = Field(1, ge=0)
+    min_resource: int = Field(1, ge=1)
+    reduction_factor: int = Field(3, ge=2)
+
+
+class Trials(_Model):
+    max: int = Field(ge=1)
+    parallel: int = Field(1, ge=1)
+    max_failed: int = Field(3, ge=0)  # the study fails once more trials than this have failed
+    retries: int = Field(1, ge=0)  # re-runs of a trial whose process or pod failed
+    timeout_seconds: int | None = Field(None, ge=1)  # per trial
+    study_timeout_seconds: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Trials":
+        if self.parallel > self.max:
+            raise ValueError(f"parallel ({self.parallel}) must not exceed max ({self.max})")
+        return self
+
+
+class Dataset(_Model):
+    name: Literal["fashion-mnist", "mnist", "cifar10"] = "fashion-mnist"
+    # A directory, or s3://bucket/prefix in the checkpoint store's S3 endpoint. Empty: the default
+    # location for the dataset (Debian's dataset-fashion-mnist for fashion-mnist).
+    path: str | None = None
+
+
+class Training(_Model):
+    dataset: Dataset = Dataset()
+    input_size: int | None = Field(None, ge=8, le=512)  # pad (or resize) images to this square size
+    subset_size: int | None = Field(None, ge=20)  # stratified subset of the training images
+    validation_split: float = Field(0.2, gt=0, lt=1)
+    epochs: int = Field(5, ge=1)
+    epochs_when_reusing: int | None = Field(None, ge=1)  # the paper: reuse needs fewer epochs
+    early_stop_patience: int = Field(1, ge=0)  # epochs of rising val loss before stopping; 0 = off
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+
+
+class Reuse(_Model):
+    enabled: bool = True
+    freeze: bool = True
+    cache_frozen_features: bool = True
+    reuse_aware_scheduling: bool = True
+    min_donor_epochs: int = Field(1, ge=1)  # the paper: donors must be trained well
+
+
+class Storage(_Model):
+    # Optuna storage URL (postgresql+psycopg2://, sqlite:///, journal:///path). Empty: a journal
+    # file next to the study file (local) or the operator's database (Kubernetes).
+    optuna_url: str | None = None
+    # Layer checkpoints: a directory, file:///dir or s3://bucket/prefix. Empty: a folder next to
+    # the study file (local) or the operator's bucket (Kubernetes).
+    checkpoints: str | None = None
+    s3_endpoint: str | None = None  # e.g. http://minio:9000; credentials come from the environment
+    keep_on_delete: bool = True  # keep the Optuna study and checkpoints when the HPOStudy is deleted
+
+    @field_validator("checkpoints")
+    @classmethod
+    def _check_checkpoints(cls, value: str | None) -> str | None:
+        if value and value.startswith("s3://") and len(value) <= len("s3://"):
+            raise ValueError("s3:// checkpoints need a bucket name")
+        return value
+
+
+class StudySpec(_Model):
+    objective: Objective = Objective()
+    search_space: dict[str, Parameter] = Field(min_length=1)
+    sampler: Sampler = Sampler()
+    pruner: Pruner = Pruner()
+    trials: Trials
+    training: Training = Training()
+    reuse: Reuse = Reuse()
+    storage: Storage = Storage()
+    suspend: bool = False
+
+    @field_validator("search_space")
+    @classmethod
+    def _check_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+        for name, param in space.items():
+            if name not in KNOWN_PARAMETERS:
+                known = ", ".join(KNOWN_PARAMETERS)
+                raise ValueError(f"unknown parameter '{name}' (known: {known})")
+            _check_parameter_values(name, param)
+        if "fcLayout" in space and ("fcLayers" in space or "fcUnits" in space):
+            raise ValueError("use either fcLayout or fcLayers/fcUnits, not both")
+        return space
+
+    @model_validator(mode="after")
+    def _check_grid(self) -> "StudySpec":
+        if self.sampler.name == "grid":
+            for name, param in self.search_space.items():
+                if isinstance(param, FloatParam) and param.step is None:
+                    raise ValueError(f"sampler grid needs finite parameters: searchSpace.{name} is a float range without step")
+        return self
+
+    def grid(self) -> list[dict[str, Any]]:
+        """Every configuration of a finite search space, in declaration order."""
+        names = list(self.search_space)
+        values = [self.search_space[n].values() for n in names]
+        return [dict(zip(names, combo)) for combo in itertools.product(*values)]
+
+    def grid_size(self) -> int:
+        size = 1
+        for param in self.search_space.values():
+            size *= len(param.values())
+        return size
+
+
+def _check_parameter_values(name: str, param: Any) -> None:
+    values = param.values() if not isinstance(param, FloatParam) else [param.low, param.high]
+    for value in values:
+        if name in ("convLayers", "filters", "kernelSize", "batchSize", "fcUnits"):
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise ValueError(f"'{name}' values must be positive integers, got {value!r}")
+        if name == "kernelSize" and value % 2 == 0:
+            raise ValueError(f"'kernelSize' must be odd (same padding), got {value}")
+        if name == "fcLayers" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
+            raise ValueError(f"'fcLayers' values must be integers >= 0, got {value!r}")
+        if name == "learningRate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
+            raise ValueError(f"'learningRate' values must be positive numbers, got {value!r}")
+        if name == "optimizer" and value not in OPTIMIZERS:
+            raise ValueError(f"'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {value!r}")
+        if name == "fcLayout":
+            parse_fc_layout(value)
+
+
+def parse_fc_layout(value: Any) -> tuple[int, ...]:
+    """'500-250' -> (500, 250); 'none' or '' -> ()."""
+    if isinstance(value, bool):
+        raise ValueError(f"'fcLayout' choice {value!r} is not a layout like '500-250'")
+    if isinstance(value, int):
+        if value < 1:
+            raise ValueError(f"'fcLayout' choice {value!r} is not a layout like '500-250'")
+        return (value,)
+    text = str(value).strip().lower()
+    if text in ("", "none"):
+        return ()
+    try:
+        units = tuple(int(part) for part in text.split("-"))
+    except ValueError:
+        raise ValueError(f"'fcLayout' choice {value!r} is not a layout like '500-250'") from None
+    if any(u < 1 for u in units):
+        raise ValueError(f"'fcLayout' choice {value!r} has non-positive units")
+    return units
+
+
+class Metadata(BaseModel):
+    model_config = ConfigDict(extra="allow")
+    name: str
+    namespace: str | None = None
+
+    @field_validator("name")
+    @classmethod
+    def _check_name(cls, name: str) -> str:
+        if not _NAME_RE.match(name) or len(name) > 63:
+            raise ValueError(f"'{name}' is not a valid name (lowercase letters, digits and '-', at most 63)")
+        return name
+
+
+class HPOStudy(BaseModel):
+    """A whole manifest: apiVersion, kind, metadata and spec."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="allow")
+    api_version: str = Field(alias="apiVersion")
+    kind: str
+    metadata: Metadata
+    spec: StudySpec
+
+    @field_validator("api_version")
+    @classmethod
+    def _check_api(cls, value: str) -> str:
+        if value != f"{API_GROUP}/{API_VERSION}":
+            raise ValueError(f"must be {API_GROUP}/{API_VERSION}")
+        return value
+
+    @field_validator("kind")
+    @classmethod
+    def _check_kind(cls, value: str) -> str:
+        if value != KIND:
+            raise ValueError(f"must be {KIND}")
+        return value
+
+    @property
+    def name(self) -> str:
+        return self.metadata.name
+
+
+def format_validation_error(error: ValidationError, root: str = "") -> str:
+    """The first problem as one line that names the field, e.g. 'spec.trials.max: ...'."""
+    first = error.errors()[0]
+    loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "tagged-union"))]
+    # Pydantic names union members by their tag; keep the user's path only.
+    loc = [part for part in loc if part not in ("int", "float", "categorical") or part == loc[-1]]
+    path = ".".join(([root] if root else []) + loc)
+    msg = first["msg"]
+    if first["type"] == "union_tag_invalid":
+        ctx = first.get("ctx", {})
+        msg = f"unknown parameter type {ctx.get('tag')!r} (expected {ctx.get('expected_tags')})"
+        path = path.removesuffix(".type") + ".type" if path else "type"
+    elif first["type"] == "union_tag_not_found":
+        msg = "parameter needs a 'type' (int, float or categorical)"
+    elif first["type"] == "extra_forbidden":
+        msg = "unknown field"
+    msg = msg.removeprefix("Value error, ")
+    return f"{path}: {msg}" if path else msg
+
+
+def parse_study(document: Any) -> HPOStudy:
+    """Validate a parsed manifest; raises SpecError with a one-line message."""
+    if not isinstance(document, dict):
+        raise SpecError("a study file must be a YAML mapping with apiVersion, kind, metadata and spec")
+    try:
+        return HPOStudy.model_validate(document)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error)) from None
+
+
+def parse_spec(spec: Any) -> StudySpec:
+    """Validate a bare spec (the operator gets one from the custom resource)."""
+    try:
+        return StudySpec.model_validate(spec)
+    except ValidationError as error:
+        raise SpecError(format_validation_error(error, root="spec")) from None
+
+
+def load_study_file(path: str | Path) -> HPOStudy:
+    path = Path(path)
+    try:
+        text = path.read_text()
+    except OSError as error:
+        raise SpecError(f"{path}: cannot read study file ({error.strerror})") from None
+    try:
+        documents = [d for d in yaml.safe_load_all(text) if d is not None]
+    except yaml.YAMLError as error:
+        raise SpecError(f"{path}: not valid YAML ({error})") from None
+    studies = [d for d in documents if isinstance(d, dict) and d.get("kind") == KIND]
+    if len(studies) != 1:
+        raise SpecError(f"{path}: expected exactly one {KIND} document, found {len(studies)}")
+    return parse_study(studies[0])
+
+
+def spec_to_json(spec: StudySpec) -> dict[str, Any]:
+    """The spec as the manifest spells it (camelCase), for Optuna user attrs and the CRD."""
+    return spec.model_dump(mode="json", by_alias=True, exclude_none=True)

@@ -1,0 +1,1 @@
+"""Strata trainer: one trial becomes a trained network."""
