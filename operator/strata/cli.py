@@ -1,0 +1,297 @@
+"""`strata run | status | best`: the same study file on one machine, on embedded defaults.
+
+    strata run study.yaml [--storage URL] [--checkpoints DIR|s3://bucket] [--workers N] [--report out.json]
+    strata status study.yaml | --storage URL --study NAME
+    strata best   study.yaml | --storage URL --study NAME
+
+Bad input is one line on stderr naming the field, exit code 2, and nothing written.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from strata.spec import HPOStudy, SpecError, load_study_file
+
+EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
+
+
+class UsageError(Exception):
+    pass
+
+
+def default_storage_url(study_file: Path, name: str) -> str:
+    return f"journal://{study_file.resolve().parent / (name + '.optuna.journal')}"
+
+
+def default_checkpoints(study_file: Path, name: str) -> str:
+    return str(study_file.resolve().parent / f"{name}.checkpoints")
+
+
+def check_dataset_available(study: HPOStudy) -> None:
+    """Fail before anything is written when the dataset is plainly missing (local paths only)."""
+    dataset = study.spec.training.dataset
+    path = dataset.path
+    if path and path.startswith("s3://"):
+        return
+    if not path:
+        if dataset.name == "fashion-mnist":
+            path = "/usr/share/datasets/fashion-mnist"
+        elif dataset.name == "mnist":
+            path = os.environ.get("STRATA_MNIST_DIR", "")
+        if not path:
+            raise UsageError(f"spec.training.dataset.path: no default location for {dataset.name}; set a path")
+    if not Path(path).exists():
+        hint = " (apt-get install dataset-fashion-mnist)" if dataset.name == "fashion-mnist" else ""
+        raise UsageError(f"spec.training.dataset.path: {path} does not exist{hint}")
+
+
+def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
+    """(study, storage URL, study name) from a study file and/or --storage/--study."""
+    study = None
+    if getattr(args, "study_file", None):
+        study = load_study_file(args.study_file)
+    name = getattr(args, "study", None) or (study.name if study else None)
+    if not name:
+        raise UsageError("give a study file or --study NAME")
+    storage = args.storage or (study and study.spec.storage.optuna_url) or None
+    if not storage:
+        if not study:
+            raise UsageError("give a study file or --storage URL")
+        storage = default_storage_url(Path(args.study_file), name)
+    return study, storage, name
+
+
+# --- run ---------------------------------------------------------------------------------------
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    from strata.architecture import check_space_fits_input
+    from strata.executors import LocalProcessExecutor
+    from strata.objectstore import ObjectStoreError, open_object_store
+    from strata.registry import LayerRegistry
+    from strata.runner import run_loop
+    from strata.scheduler import TrialScheduler
+    from strata.study import StorageError, create_or_load_study, open_storage
+
+    study, storage_url, name = _resolve(args)
+    assert study is not None
+    spec = study.spec
+    if args.workers is not None:
+        if args.workers < 1:
+            raise UsageError(f"--workers: must be at least 1, got {args.workers}")
+        spec = spec.model_copy(update={"trials": spec.trials.model_copy(update={"parallel": args.workers})})
+    check_space_fits_input(spec)
+    check_dataset_available(study)
+    checkpoints = args.checkpoints or spec.storage.checkpoints or default_checkpoints(Path(args.study_file), name)
+    try:
+        registry = LayerRegistry(open_object_store(checkpoints, spec.storage.s3_endpoint))
+    except ObjectStoreError as error:
+        raise UsageError(f"--checkpoints: {error}") from None
+    try:  # last check: a journal file is created on open
+        storage = open_storage(storage_url)
+    except StorageError as error:
+        raise UsageError(f"--storage: {error}") from None
+    # The trainer reads the spec from the study, with the checkpoint location made explicit.
+    spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"checkpoints": checkpoints})})
+    optuna_study = create_or_load_study(spec, name, storage)
+    scheduler = TrialScheduler(optuna_study, spec, registry)
+
+    cores = os.cpu_count() or 1
+    parallel = spec.trials.parallel
+    log_dir = Path(args.logs or Path(args.study_file).resolve().parent / f"{name}.logs")
+    executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, max(1, cores // parallel))
+    display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
+    stop = threading.Event()
+    previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    started = time.monotonic()
+    print(f"study {name}: storage {storage_url}, checkpoints {checkpoints}, {parallel} worker(s), logs {log_dir}",
+          file=sys.stderr)
+    try:
+        outcome = run_loop(scheduler, executor, parallel, stop=stop, on_progress=display.update)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+    display.close()
+    wall = time.monotonic() - started
+    report = build_report(optuna_study, scheduler, outcome.phase, wall)
+    print_summary(report, sys.stdout)
+    if args.report:
+        Path(args.report).write_text(json.dumps(report, indent=2, default=str))
+    if outcome.phase == "Interrupted":
+        print(f"interrupted: run `strata run {args.study_file}` again to resume", file=sys.stderr)
+        return EXIT_INTERRUPTED
+    if outcome.phase == "Failed":
+        print(f"study failed: {outcome.message}", file=sys.stderr)
+        return EXIT_STUDY_FAILED
+    return EXIT_OK
+
+
+class ProgressDisplay:
+    """One live line on a terminal; a line per change otherwise (logs, CI)."""
+
+    def __init__(self, name: str, total: int, quiet: bool = False):
+        self.name, self.total, self.quiet = name, total, quiet
+        self.tty = sys.stderr.isatty()
+        self._last = ""
+
+    def update(self, progress, outcome, plan) -> None:
+        if self.quiet:
+            return
+        best = f"{progress.best.value:.4f} (#{progress.best.number})" if progress.best else "-"
+        line = (f"[{self.name}] done {progress.complete + progress.pruned}/{self.total}  running {progress.running}  "
+                f"waiting {progress.waiting}  pruned {progress.pruned}  failed {progress.failed}  best {best}  "
+                f"reuse {progress.reuse_rate:.0%}")
+        if line == self._last:
+            return
+        self._last = line
+        if self.tty:
+            sys.stderr.write("\r\x1b[2K" + line)
+        else:
+            sys.stderr.write(line + "\n")
+        sys.stderr.flush()
+
+    def close(self) -> None:
+        if self.tty and not self.quiet:
+            sys.stderr.write("\n")
+
+
+def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
+    from strata.study import ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS
+
+    progress = scheduler.progress()
+    trials = []
+    for t in optuna_study.get_trials(deepcopy=False):
+        trials.append({
+            "number": t.number, "state": t.state.name, "value": t.value, "params": t.params,
+            "reused_layers": int(t.user_attrs.get(ATTR_REUSED_LAYERS) or 0),
+            "donor_trial": t.user_attrs.get(ATTR_DONOR_TRIAL),
+            "train_seconds": t.user_attrs.get(ATTR_TRAIN_SECONDS),
+            "epochs_run": t.user_attrs.get(ATTR_EPOCHS_RUN),
+            "feature_cache": t.user_attrs.get(ATTR_FEATURE_CACHE),
+        })
+    best = progress.best
+    return {
+        "study": optuna_study.study_name,
+        "phase": phase,
+        "direction": scheduler.spec.objective.resolved_direction,
+        "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
+        "summary": {
+            "complete": progress.complete, "pruned": progress.pruned, "failed": progress.failed,
+            "reused_trials": progress.reused_trials, "reused_layers": progress.reused_layers,
+            "reuse_rate": round(progress.reuse_rate, 4), "seconds_saved_estimate": round(progress.seconds_saved, 2),
+            "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
+        },
+        "trials": trials,
+    }
+
+
+def print_summary(report: dict[str, Any], out) -> None:
+    rows = [("#", "state", "value", "reused", "secs", "params")]
+    for t in report["trials"]:
+        value = f"{t['value']:.4f}" if t["value"] is not None else "-"
+        secs = f"{t['train_seconds']:.1f}" if t["train_seconds"] is not None else "-"
+        params = " ".join(f"{k}={v}" for k, v in t["params"].items())
+        rows.append((str(t["number"]), t["state"], value, str(t["reused_layers"]), secs, params))
+    widths = [max(len(r[i]) for r in rows) for i in range(5)]
+    for row in rows:
+        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] + "\n")
+    s = report["summary"]
+    out.write(f"\n{report['study']}: {report['phase']}; {s['complete']} complete, {s['pruned']} pruned, "
+              f"{s['failed']} failed; reuse {s['reuse_rate']:.0%} of trials ({s['reused_layers']} layers), "
+              f"~{s['seconds_saved_estimate']:.0f} s saved\n")
+    if report["best"]:
+        b = report["best"]
+        out.write(f"best: trial {b['number']} value {b['value']:.4f} params {json.dumps(b['params'])}\n")
+
+
+# --- status / best -----------------------------------------------------------------------------
+
+
+def _load_for_reading(args: argparse.Namespace):
+    from strata.scheduler import TrialScheduler
+    from strata.study import StorageError, load_study
+
+    _, storage_url, name = _resolve(args)
+    if storage_url.startswith("journal://") and not Path(storage_url[len("journal://"):]).exists():
+        raise UsageError(f"no study storage at {storage_url}: run the study first")
+    try:
+        optuna_study, spec = load_study(name, storage_url)
+    except StorageError as error:
+        raise UsageError(str(error)) from None
+    return optuna_study, TrialScheduler(optuna_study, spec, None)
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    optuna_study, scheduler = _load_for_reading(args)
+    outcome = scheduler.outcome()
+    report = build_report(optuna_study, scheduler, outcome.phase)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_summary(report, sys.stdout)
+    return EXIT_OK
+
+
+def cmd_best(args: argparse.Namespace) -> int:
+    optuna_study, scheduler = _load_for_reading(args)
+    best = scheduler.progress().best
+    if best is None:
+        print("no completed trial yet", file=sys.stderr)
+        return EXIT_STUDY_FAILED
+    print(json.dumps({"number": best.number, "value": best.value, "params": best.params}, indent=2))
+    return EXIT_OK
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="strata", description="Hyperparameter optimisation with layer reuse.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a study file on this machine")
+    run.add_argument("study_file")
+    run.add_argument("--storage", help="Optuna storage URL (default: a journal file next to the study)")
+    run.add_argument("--checkpoints", help="layer registry: a directory or s3://bucket/prefix")
+    run.add_argument("--workers", type=int, help="parallel trial processes (default: spec.trials.parallel)")
+    run.add_argument("--report", help="write a JSON report here")
+    run.add_argument("--logs", help="directory for trial logs (default: next to the study)")
+    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.set_defaults(func=cmd_run)
+    for name, func, text in (("status", cmd_status, "show a study's trials"), ("best", cmd_best, "print the best trial")):
+        p = sub.add_parser(name, help=text)
+        p.add_argument("study_file", nargs="?")
+        p.add_argument("--storage")
+        p.add_argument("--study")
+        if name == "status":
+            p.add_argument("--json", action="store_true")
+        p.set_defaults(func=func)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=os.environ.get("STRATA_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except (SpecError, UsageError) as error:
+        print(f"strata: {error}", file=sys.stderr)
+        return EXIT_USAGE
+    except Exception as error:  # storage and store errors reach the user as one line
+        from strata.objectstore import ObjectStoreError
+        from strata.study import StorageError
+
+        if isinstance(error, (StorageError, ObjectStoreError)):
+            print(f"strata: {error}", file=sys.stderr)
+            return EXIT_USAGE
+        raise
+
+
+if __name__ == "__main__":
+    sys.exit(main())

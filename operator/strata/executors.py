@@ -1,0 +1,106 @@
+"""Executors run asked trials somewhere: here as local trainer processes (the operator uses pods).
+
+An executor only starts, watches and stops workers; the scheduler decides what runs.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Protocol
+
+
+@dataclass(frozen=True)
+class WorkerExit:
+    number: int
+    exit_code: int
+    reason: str  # Completed | Error | OOMKilled | Evicted | Lost | Timeout ...
+    seconds: float
+
+
+class Executor(Protocol):
+    def start(self, number: int) -> None: ...
+    def poll(self) -> list[WorkerExit]: ...
+    def active(self) -> set[int]: ...
+    def started_at(self, number: int) -> float: ...
+    def stop(self, number: int) -> None: ...
+    def stop_all(self) -> None: ...
+
+
+def trainer_command(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None,
+                    python: str = "python") -> list[str]:
+    """The one command a trial runs, in a local process or a trainer pod alike."""
+    command = [python, "-m", "strata_trainer", "--storage", storage_url, "--study", study_name,
+               "--trial", str(trial_number)]
+    if checkpoints:
+        command += ["--checkpoints", checkpoints]
+    return command
+
+
+class LocalProcessExecutor:
+    def __init__(self, storage_url: str, study_name: str, checkpoints: str | None, log_dir: Path,
+                 threads_per_trial: int, env: dict[str, str] | None = None, grace_seconds: float = 5.0):
+        self.storage_url, self.study_name, self.checkpoints = storage_url, study_name, checkpoints
+        self.log_dir = Path(log_dir)
+        self.threads = threads_per_trial
+        self.env = env or {}
+        self.grace = grace_seconds
+        self._procs: dict[int, tuple[subprocess.Popen, float]] = {}
+
+    def log_path(self, number: int) -> Path:
+        return self.log_dir / f"trial-{number:05d}.log"
+
+    def start(self, number: int) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, **self.env, "STRATA_CPU_LIMIT": str(self.threads), "PYTHONUNBUFFERED": "1"}
+        with open(self.log_path(number), "ab") as log:
+            # Own process group: Ctrl-C in the terminal reaches the runner, which stops workers itself.
+            proc = subprocess.Popen(
+                trainer_command(self.storage_url, self.study_name, number, self.checkpoints, sys.executable),
+                stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
+            )
+        self._procs[number] = (proc, time.monotonic())
+
+    def poll(self) -> list[WorkerExit]:
+        exits = []
+        for number, (proc, started) in list(self._procs.items()):
+            code = proc.poll()
+            if code is not None:
+                del self._procs[number]
+                reason = "Completed" if code in (0, 3) else ("OOMKilled" if code == -signal.SIGKILL else "Error")
+                exits.append(WorkerExit(number, code, reason, time.monotonic() - started))
+        return exits
+
+    def active(self) -> set[int]:
+        return set(self._procs)
+
+    def started_at(self, number: int) -> float:
+        return self._procs[number][1]
+
+    def stop(self, number: int) -> None:
+        entry = self._procs.pop(number, None)
+        if entry is not None:
+            _terminate([entry[0]], self.grace)
+
+    def stop_all(self) -> None:
+        procs = [proc for proc, _ in self._procs.values()]
+        self._procs.clear()
+        _terminate(procs, self.grace)
+
+
+def _terminate(procs: list[subprocess.Popen], grace: float) -> None:
+    for proc in procs:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGTERM)
+    deadline = time.monotonic() + grace
+    for proc in procs:
+        try:
+            proc.wait(max(0.0, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()

@@ -1,0 +1,71 @@
+"""The study loop for one machine: scheduler decides, an executor runs, until the study ends.
+
+Interrupting (Ctrl-C) stops the workers and leaves their trials RUNNING in Optuna; the next run
+finds them without a worker and starts them again under the same trial numbers, so no trial is
+lost or duplicated.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from typing import Callable
+
+from strata.executors import Executor, WorkerExit
+from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
+
+log = logging.getLogger(__name__)
+EXIT_TOLD_OPTUNA = {0, 1, 3}  # complete, failed (told), pruned: the trainer recorded the outcome
+
+
+def handle_exit(scheduler: TrialScheduler, worker: WorkerExit) -> None:
+    """A worker that ended without telling Optuna failed its attempt (the scheduler may retry it)."""
+    scheduler.fail_attempt(worker.number, f"trainer exited with code {worker.exit_code} ({worker.reason})",
+                           kind="infrastructure")
+
+
+def run_loop(
+    scheduler: TrialScheduler,
+    executor: Executor,
+    parallel: int,
+    *,
+    stop: threading.Event | None = None,
+    on_progress: Callable[[Progress, Outcome, Plan], None] | None = None,
+    poll_seconds: float = 0.5,
+) -> Outcome:
+    stop = stop or threading.Event()
+    timeout = scheduler.spec.trials.timeout_seconds
+    scheduler.started_at()
+    try:
+        while not stop.is_set():
+            for worker in executor.poll():
+                handle_exit(scheduler, worker)
+            if timeout:
+                for number in list(executor.active()):
+                    if time.monotonic() - executor.started_at(number) > timeout:
+                        executor.stop(number)
+                        scheduler.fail_attempt(number, f"trial exceeded timeoutSeconds={timeout}", kind="timeout")
+            active = executor.active()
+            outcome = scheduler.outcome(active)
+            if outcome.stop_active and active:
+                log.info("stopping %d running trials: %s", len(active), outcome.message)
+                executor.stop_all()
+                for number in active:
+                    scheduler.fail_attempt(number, outcome.message, kind="interrupted")
+                continue
+            if outcome.finished:
+                scheduler.stop_waiting(executor.active(), outcome.message)
+                if on_progress:
+                    on_progress(scheduler.progress(), outcome, Plan())
+                return outcome
+            plan = scheduler.plan(active, max(0, parallel - len(active)))
+            for number in plan.launch:
+                executor.start(number)
+            if on_progress:
+                on_progress(scheduler.progress(executor.active()), outcome, plan)
+            stop.wait(poll_seconds)
+    finally:
+        if stop.is_set():
+            executor.stop_all()  # trials stay RUNNING: a resumed run starts them again
+    return Outcome(False, "Interrupted", "Interrupted", "stopped by the user; run again to resume")

@@ -1,0 +1,388 @@
+"""The scheduler: which trials to run next, reuse-aware, for any executor (local processes or pods).
+
+Everything it decides is derived from the Optuna study, the layer registry and the set of trials
+whose worker is alive, so a restarted runner or operator rebuilds its state by asking again.
+
+Reuse-aware policy (the paper's future work, made concrete):
+- A trial with n conv layers wants a donor for its (n-1)-layer prefix. If the registry has one, it
+  runs now. If a running trial (or a pending shallower one) will publish that prefix, it waits.
+- If nobody will, and the budget allows, the scheduler enqueues the donor configuration (the same
+  parameters with n-1 conv layers) and defers the trial until the donor has published: the donor
+  is trained in full (the paper: donors must be trained well) and is a useful trial in itself.
+- Grid search runs smaller depths first, so every deeper configuration finds its donor.
+- Retries: a trial whose worker died (crash, OOM, eviction, lost pod) is failed in Optuna and
+  re-run as a new trial with the same parameters, up to `retries` times; a failure the trainer
+  reported itself (deterministic, e.g. divergence) or a timeout is not retried.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any, Iterable
+
+import optuna
+from optuna.trial import FrozenTrial, TrialState
+
+from strata.architecture import architecture_from_params
+from strata.registry import LayerRegistry
+from strata.objectstore import ObjectStoreError
+from strata.spec import IntParam, StudySpec
+from strata.study import (
+    ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_TRAIN_SECONDS,
+    distributions,
+)
+
+log = logging.getLogger(__name__)
+ATTR_FAIL_KIND = "strata.failure_kind"  # trainer | infrastructure | timeout | interrupted
+ATTR_STARTED = "strata.started"
+RETRYABLE = {"infrastructure"}
+
+
+@dataclass(frozen=True)
+class Best:
+    number: int
+    value: float
+    params: dict[str, Any]
+
+
+@dataclass
+class Progress:
+    """A bounded summary of the study: what status, the CLI and the metrics show."""
+
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0  # failed attempts, retried or not
+    running: int = 0  # trials with a live worker
+    waiting: int = 0  # asked trials waiting for a donor or a free slot
+    configs: int = 0  # trials that count towards max (retries do not)
+    finished: int = 0  # configs that are complete, pruned, or failed for good
+    best: Best | None = None
+    reused_trials: int = 0
+    reused_layers: int = 0
+    seconds_saved: float = 0.0
+
+    @property
+    def reuse_rate(self) -> float:
+        done = self.complete + self.pruned
+        return self.reused_trials / done if done else 0.0
+
+
+@dataclass(frozen=True)
+class Outcome:
+    finished: bool
+    phase: str  # Pending | Running | Suspended | Succeeded | Failed
+    reason: str
+    message: str
+    stop_active: bool = False  # the executor should stop running workers now
+
+
+@dataclass
+class Plan:
+    launch: list[int] = field(default_factory=list)
+    waiting: dict[int, str] = field(default_factory=dict)  # trial number -> why it is not launched
+
+
+def root_of(trial: FrozenTrial) -> int:
+    return int(trial.user_attrs.get(ATTR_RETRY_OF, trial.number))
+
+
+def depth_of(params: dict[str, Any]) -> int:
+    return int(params.get("convLayers", 1))
+
+
+class TrialScheduler:
+    def __init__(self, study: optuna.Study, spec: StudySpec, registry: LayerRegistry | None):
+        self.study = study
+        self.spec = spec
+        self.registry = registry
+        self._distributions = distributions(spec)
+        self._known_donors: set[str] = set()  # signature keys seen in the registry (entries never vanish)
+
+    def update_spec(self, spec: StudySpec) -> None:
+        self.spec = spec
+        self._distributions = distributions(spec)
+
+    # --- reading the study -------------------------------------------------------------------
+
+    def trials(self) -> list[FrozenTrial]:
+        return self.study.get_trials(deepcopy=False)
+
+    def started_at(self) -> float:
+        started = self.study.user_attrs.get(ATTR_STARTED)
+        if started is None:
+            started = time.time()
+            self.study.set_user_attr(ATTR_STARTED, started)
+        return float(started)
+
+    def progress(self, active: Iterable[int] = ()) -> Progress:
+        active = set(active)
+        trials = self.trials()
+        p = Progress()
+        retried_roots = self._attempts(trials)
+        scratch: dict[tuple, list[float]] = {}
+        for t in trials:
+            if ATTR_RETRY_OF not in t.user_attrs:
+                p.configs += 1
+            if t.state == TrialState.COMPLETE:
+                p.complete += 1
+            elif t.state == TrialState.PRUNED:
+                p.pruned += 1
+            elif t.state == TrialState.FAIL and t.user_attrs.get(ATTR_FAIL_KIND) != "interrupted":
+                p.failed += 1
+            elif t.state == TrialState.RUNNING:
+                if t.number in active:
+                    p.running += 1
+                else:
+                    p.waiting += 1
+            if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
+                p.finished += 1
+                reused = int(t.user_attrs.get(ATTR_REUSED_LAYERS) or 0)
+                if reused:
+                    p.reused_trials += 1
+                    p.reused_layers += reused
+                elif t.state == TrialState.COMPLETE and ATTR_TRAIN_SECONDS in t.user_attrs:
+                    scratch.setdefault(self._shape_key(t), []).append(float(t.user_attrs[ATTR_TRAIN_SECONDS]))
+            elif t.state == TrialState.FAIL and self._failed_for_good(t, trials, retried_roots):
+                p.finished += 1
+        for t in trials:  # time saved: a reused trial vs the median scratch trial of the same shape
+            if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REUSED_LAYERS):
+                baseline = scratch.get(self._shape_key(t))
+                if baseline and ATTR_TRAIN_SECONDS in t.user_attrs:
+                    p.seconds_saved += max(0.0, statistics.median(baseline) - float(t.user_attrs[ATTR_TRAIN_SECONDS]))
+        completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
+        if completed:
+            pick = min if self.spec.objective.resolved_direction == "minimize" else max
+            best = pick(completed, key=lambda t: t.value)
+            p.best = Best(best.number, float(best.value), dict(best.params))
+        return p
+
+    @staticmethod
+    def _shape_key(t: FrozenTrial) -> tuple:
+        return (depth_of(t.params), t.params.get("filters"), t.params.get("kernelSize"))
+
+    @staticmethod
+    def _attempts(trials: list[FrozenTrial]) -> dict[int, int]:
+        attempts: dict[int, int] = {}
+        for t in trials:
+            attempts[root_of(t)] = attempts.get(root_of(t), 0) + 1
+        return attempts
+
+    def _latest_attempt(self, t: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        root = root_of(t)
+        return t.number == max(u.number for u in trials if root_of(u) == root)
+
+    def _failed_for_good(self, t: FrozenTrial, trials: list[FrozenTrial], attempts: dict[int, int]) -> bool:
+        return self._latest_attempt(t, trials) and not self._should_retry(t, attempts)
+
+    def _should_retry(self, t: FrozenTrial, attempts: dict[int, int]) -> bool:
+        kind = t.user_attrs.get(ATTR_FAIL_KIND, "trainer" if ATTR_FAIL_REASON in t.user_attrs else "infrastructure")
+        return kind in RETRYABLE and attempts.get(root_of(t), 1) <= self.spec.trials.retries
+
+    # --- deciding ------------------------------------------------------------------------------
+
+    def outcome(self, active: Iterable[int] = ()) -> Outcome:
+        active = set(active)
+        p = self.progress(active)
+        limit = self.spec.trials.max_failed
+        if p.failed > limit:
+            return Outcome(True, "Failed", "FailureBudgetExceeded",
+                           f"{p.failed} trial attempts failed, more than maxFailed={limit}", stop_active=True)
+        timeout = self.spec.trials.study_timeout_seconds
+        if timeout and time.time() - self.started_at() > timeout:
+            return Outcome(not active, "Succeeded" if p.complete else "Failed", "StudyTimeout",
+                           f"study timeout of {timeout}s passed with {p.complete} complete trials", stop_active=True)
+        if p.best is not None and self.spec.objective.reached(p.best.value):
+            return Outcome(not active, "Succeeded", "GoalReached",
+                           f"trial {p.best.number} reached {p.best.value:.4g} (goal {self.spec.objective.goal})")
+        target = self._target()
+        if p.finished >= target and not active and p.waiting == 0:
+            return Outcome(True, "Succeeded", "MaxTrialsReached", f"{p.finished} of {target} trials finished")
+        if self.spec.suspend:
+            return Outcome(False, "Suspended", "Suspended", "spec.suspend is true: no new trials are started")
+        return Outcome(False, "Running" if p.configs or active else "Pending", "TrialsRunning",
+                       f"{p.finished} of {target} trials finished, {len(active)} running")
+
+    def _target(self) -> int:
+        if self.spec.sampler.name == "grid":
+            return min(self.spec.trials.max, self.spec.grid_size())
+        return self.spec.trials.max
+
+    def plan(self, active: Iterable[int], free_slots: int) -> Plan:
+        """Trials (already RUNNING in Optuna) to start now, asking new ones as needed."""
+        active = set(active)
+        plan = Plan()
+        outcome = self.outcome(active)
+        if outcome.finished or outcome.stop_active or self.spec.suspend or outcome.reason == "GoalReached":
+            return plan
+        trials = self.trials()
+        self._retry_failed(trials)
+        trials = self.trials()
+        pending = sorted((t for t in trials if t.state == TrialState.RUNNING and t.number not in active),
+                         key=lambda t: t.number)
+        for t in pending:
+            if len(plan.launch) >= free_slots:
+                plan.waiting[t.number] = "no free slot"
+                continue
+            reason = self._wait_reason(t, trials, active | set(plan.launch))
+            if reason:
+                plan.waiting[t.number] = reason
+            else:
+                plan.launch.append(t.number)
+        budget = self._target() - sum(1 for t in trials if ATTR_RETRY_OF not in t.user_attrs)
+        asks = 0
+        while len(plan.launch) < free_slots and budget > 0 and asks < 4 * free_slots + 8:
+            asks += 1
+            trial = self._ask_next(trials)
+            if trial is None:
+                break
+            budget -= 1
+            trials = self.trials()
+            if self._needs_donor(trial, trials, active | set(plan.launch)) and budget > 0:
+                donor = self._enqueue_donor(trial)
+                if donor is not None:
+                    plan.waiting[trial.number] = f"waits for donor trial {donor}"
+                    budget -= 1
+                    trials = self.trials()
+                    self._consider(self._frozen(donor), trials, active, plan, free_slots)
+                    continue
+            self._consider(trial, trials, active, plan, free_slots)
+        if not active and not plan.launch and plan.waiting and free_slots > 0:
+            # Nothing runs and everything waits: never stall, start the oldest trial without a donor.
+            plan.launch.append(min(plan.waiting))
+            del plan.waiting[plan.launch[0]]
+        return plan
+
+    def _consider(self, t: FrozenTrial, trials, active, plan: Plan, free_slots: int) -> None:
+        reason = self._wait_reason(t, trials, active | set(plan.launch))
+        if reason:
+            plan.waiting[t.number] = reason
+        elif len(plan.launch) < free_slots:
+            plan.launch.append(t.number)
+        else:
+            plan.waiting[t.number] = "no free slot"
+
+    def _frozen(self, number: int) -> FrozenTrial:
+        return self.study.get_trials(deepcopy=False)[number]
+
+    def _ask_next(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
+        if self.spec.sampler.name == "grid":
+            point = self._next_grid_point(trials)
+            if point is None:
+                return None
+            self.study.enqueue_trial(point)
+        trial = self.study.ask(self._distributions)
+        return self._frozen(trial.number)
+
+    def _next_grid_point(self, trials: list[FrozenTrial]) -> dict[str, Any] | None:
+        """Smaller depths first, so deeper configurations find donors; shuffled within a depth."""
+        import random
+
+        taken = {_params_key(t.params) for t in trials if ATTR_RETRY_OF not in t.user_attrs}
+        grid = self.spec.grid()
+        random.Random(self.spec.sampler.seed or 0).shuffle(grid)
+        grid.sort(key=depth_of)
+        for point in grid:
+            if _params_key(point) not in taken:
+                return point
+        return None
+
+    def _retry_failed(self, trials: list[FrozenTrial]) -> None:
+        attempts = self._attempts(trials)
+        for t in trials:
+            if t.state == TrialState.FAIL and self._latest_attempt(t, trials) and self._should_retry(t, attempts):
+                root = root_of(t)
+                attempt = attempts.get(root, 1) + 1
+                log.info("retrying trial %d (attempt %d of %d)", root, attempt, self.spec.trials.retries + 1)
+                self.study.enqueue_trial(dict(t.params), user_attrs={ATTR_RETRY_OF: root, ATTR_ATTEMPT: attempt})
+                self.study.ask(self._distributions)
+                attempts[root] = attempt
+
+    def _reuse_aware(self) -> bool:
+        return self.spec.reuse.enabled and self.spec.reuse.reuse_aware_scheduling and self.registry is not None
+
+    def _has_donor(self, signature) -> bool:
+        if signature.key in self._known_donors:
+            return True
+        try:
+            found = self.registry.has_donor(signature, self.spec.reuse.min_donor_epochs)
+        except ObjectStoreError as error:
+            log.warning("layer registry unreachable (%s): scheduling without reuse", error)
+            return True  # do not hold trials back for a store nobody can reach
+        if found:
+            self._known_donors.add(signature.key)
+        return found
+
+    def _wait_reason(self, t: FrozenTrial, trials: list[FrozenTrial], active: set[int]) -> str | None:
+        """Why t should not start yet: a trial that will publish its (n-1)-layer prefix is under way."""
+        n = depth_of(t.params)
+        if n <= 1 or not self._reuse_aware():
+            return None
+        signature = architecture_from_params(self.spec, t.params).prefix_signature(n - 1)
+        if self._has_donor(signature):
+            return None
+        for u in trials:
+            if u.number == t.number or u.state != TrialState.RUNNING:
+                continue
+            m = depth_of(u.params)
+            # running producers of any depth >= n-1, or pending shallower ones (no cycles)
+            if (u.number in active and m >= n - 1) or (u.number not in active and m == n - 1):
+                if architecture_from_params(self.spec, u.params).prefix_signature(n - 1) == signature:
+                    return f"waits for trial {u.number} to publish its {n - 1}-layer prefix"
+        return None
+
+    def _needs_donor(self, t: FrozenTrial, trials: list[FrozenTrial], active: set[int]) -> bool:
+        n = depth_of(t.params)
+        if n <= 1 or not self._reuse_aware() or self.spec.sampler.name == "grid":
+            return False
+        if self._wait_reason(t, trials, active):
+            return False  # a producer is already under way
+        return not self._has_donor(architecture_from_params(self.spec, t.params).prefix_signature(n - 1))
+
+    def _enqueue_donor(self, t: FrozenTrial) -> int | None:
+        """Ask the donor configuration (n-1 conv layers, all else equal) if the space contains it."""
+        depth_param = self.spec.search_space.get("convLayers")
+        n = depth_of(t.params)
+        if not isinstance(depth_param, IntParam) or (n - 1) not in depth_param.values():
+            return None
+        params = {**t.params, "convLayers": n - 1}
+        self.study.enqueue_trial(params, user_attrs={ATTR_DONOR_FOR: t.number})
+        donor = self.study.ask(self._distributions)
+        log.info("trial %d (%d layers) deferred: donor trial %d trains its %d-layer prefix first",
+                 t.number, n, donor.number, n - 1)
+        return donor.number
+
+    # --- recording worker outcomes -------------------------------------------------------------
+
+    def fail_attempt(self, number: int, reason: str, kind: str = "infrastructure") -> None:
+        """A worker ended without telling Optuna (crash, OOM, lost pod, timeout): record it as FAIL.
+
+        The retry itself is derived on the next plan(), so a restart between the two loses nothing.
+        """
+        trial = self._frozen(number)
+        if trial.state != TrialState.RUNNING:
+            return
+        storage = self.study._storage
+        storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_KIND, kind)
+        storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_REASON, reason[:500])
+        self.study.tell(number, state=TrialState.FAIL)
+
+    def stop_waiting(self, active: Iterable[int], reason: str) -> None:
+        """The study ended: trials asked but never started are failed so nothing stays RUNNING."""
+        active = set(active)
+        for t in self.trials():
+            if t.state == TrialState.RUNNING and t.number not in active:
+                self.fail_attempt(t.number, reason, kind="interrupted")
+
+
+def _params_key(params: dict[str, Any]) -> tuple:
+    return tuple(sorted((k, _normalise(v)) for k, v in params.items()))
+
+
+def _normalise(value: Any) -> Any:
+    if isinstance(value, float) and math.isfinite(value):
+        return round(value, 12)
+    return value

@@ -1,0 +1,40 @@
+"""`python -m strata_trainer --storage URL --study NAME --trial N`: run one asked trial and tell Optuna.
+
+Exit codes: 0 complete, 3 pruned, 1 failed (told to Optuna as FAIL), 2 bad arguments or storage.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import sys
+
+from strata.spec import SpecError
+from strata.study import StorageError
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m strata_trainer", description=__doc__.splitlines()[0])
+    parser.add_argument("--storage", default=os.environ.get("STRATA_STORAGE_URL"),
+                        help="Optuna storage URL (default: $STRATA_STORAGE_URL)")
+    parser.add_argument("--study", required=True, help="Optuna study name")
+    parser.add_argument("--trial", type=int, required=True, help="trial number, already asked by the scheduler")
+    parser.add_argument("--checkpoints", default=os.environ.get("STRATA_CHECKPOINTS"),
+                        help="layer registry location (default: the spec's storage.checkpoints)")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s", stream=sys.stderr)
+    if not args.storage:
+        print("strata_trainer: --storage or STRATA_STORAGE_URL is required", file=sys.stderr)
+        return 2
+    from strata_trainer.trial import EXIT_USAGE, run_trial  # torch import after argument checks
+
+    try:
+        return run_trial(args.storage, args.study, args.trial, args.checkpoints)
+    except (StorageError, SpecError) as error:
+        print(f"strata_trainer: {error}", file=sys.stderr)
+        return EXIT_USAGE
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,190 @@
+"""The training loop: frozen prefix, optional frozen-feature cache, per-epoch validation and pruning.
+
+With the first k conv blocks frozen and a deterministic input pipeline, their output for each
+image never changes, so it is computed once per trial (the feature cache) and every epoch only
+runs the trainable rest of the network.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+import math
+import os
+import tempfile
+import time
+from dataclasses import dataclass, field
+from typing import Callable
+
+import numpy as np
+import torch
+from torch import nn
+
+from strata_trainer.data import DatasetSplits, Split
+from strata_trainer.model import CNN
+
+log = logging.getLogger(__name__)
+EVAL_BATCH = 1024
+CACHE_MEMORY_FRACTION = 0.5  # of the trial's memory limit, leaving room for the model and batches
+
+
+@dataclass
+class EpochResult:
+    epoch: int
+    train_loss: float
+    val_loss: float
+    val_accuracy: float
+    seconds: float
+
+
+@dataclass
+class TrainResult:
+    epochs: list[EpochResult]
+    best_epoch: int
+    train_seconds: float
+    feature_cache: str  # off | float32 | float16 | disk
+    stopped_early: bool
+    best_prefix_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+
+    @property
+    def best(self) -> EpochResult:
+        return self.epochs[self.best_epoch - 1]
+
+
+class FeatureCache:
+    """Frozen-prefix outputs for a split, in memory (float32 or float16) or in a disk memmap."""
+
+    def __init__(self, model: CNN, k: int, split: Split, mode: str, device: torch.device, spill_dir: str | None):
+        self.mode = mode
+        shape = (len(split.y), *model.arch.feature_shape(k))
+        dtype = torch.float16 if mode in ("float16", "disk") else torch.float32
+        self._file = None
+        if mode == "disk":
+            self._file = tempfile.NamedTemporaryFile(dir=spill_dir, prefix="strata-features-", suffix=".f16")
+            self._array = np.memmap(self._file.name, dtype=np.float16, mode="w+", shape=shape)
+        else:
+            self._tensor = torch.empty(shape, dtype=dtype)
+        with torch.no_grad():
+            for start in range(0, shape[0], EVAL_BATCH):
+                out = model.features(split.x[start:start + EVAL_BATCH].to(device), 0, k).cpu()
+                if mode == "disk":
+                    self._array[start:start + len(out)] = out.to(torch.float16).numpy()
+                else:
+                    self._tensor[start:start + len(out)] = out.to(dtype)
+
+    def take(self, index: torch.Tensor) -> torch.Tensor:
+        if self.mode == "disk":
+            return torch.from_numpy(np.asarray(self._array[index.numpy()])).float()
+        return self._tensor[index].float()
+
+    def __len__(self) -> int:
+        return len(self._array) if self.mode == "disk" else len(self._tensor)
+
+
+def choose_cache_mode(model: CNN, k: int, n_images: int, memory_limit: int | None) -> str:
+    """float32 when it fits in the budget, float16 when half of it fits, else spill to disk."""
+    per_image = math.prod(model.arch.feature_shape(k))
+    needed = n_images * per_image * 4
+    budget = int((memory_limit or _available_memory()) * CACHE_MEMORY_FRACTION)
+    if needed <= budget:
+        return "float32"
+    if needed // 2 <= budget:
+        return "float16"
+    return "disk"
+
+
+def _available_memory() -> int:
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError):
+        return 2 << 30
+
+
+def _make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9)
+    if name == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr)
+    return torch.optim.Adam(params, lr=lr)
+
+
+def evaluate(model: CNN, inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, start: int,
+             device: torch.device) -> tuple[float, float]:
+    model.eval()
+    loss_sum, correct = 0.0, 0
+    with torch.no_grad():
+        for begin in range(0, len(y), EVAL_BATCH):
+            index = torch.arange(begin, min(begin + EVAL_BATCH, len(y)))
+            logits = model(inputs(index).to(device), start)
+            target = y[index].to(device)
+            loss_sum += nn.functional.cross_entropy(logits, target, reduction="sum").item()
+            correct += (logits.argmax(1) == target).sum().item()
+    return loss_sum / len(y), correct / len(y)
+
+
+def train(
+    model: CNN,
+    data: DatasetSplits,
+    *,
+    frozen_layers: int,
+    epochs: int,
+    patience: int,
+    seed: int,
+    device: torch.device,
+    cache_features: bool,
+    memory_limit: int | None = None,
+    spill_dir: str | None = None,
+    report: Callable[[EpochResult], None] | None = None,
+) -> TrainResult:
+    """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial."""
+    arch = model.arch
+    model.to(device)
+    if frozen_layers:
+        model.freeze_prefix(frozen_layers)
+    optimizer = _make_optimizer(arch.optimizer, model.trainable_parameters(), arch.learning_rate)
+    generator = torch.Generator().manual_seed(seed)
+
+    started = time.perf_counter()
+    mode = "off"
+    start = 0
+    train_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.train.x[index]
+    val_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.val.x[index]
+    if frozen_layers and cache_features:
+        mode = choose_cache_mode(model, frozen_layers, len(data.train.y) + len(data.val.y), memory_limit)
+        train_cache = FeatureCache(model, frozen_layers, data.train, mode, device, spill_dir)
+        val_cache = FeatureCache(model, frozen_layers, data.val, mode, device, spill_dir)
+        train_inputs, val_inputs, start = train_cache.take, val_cache.take, frozen_layers
+
+    results: list[EpochResult] = []
+    best_epoch, stopped_early, rising = 0, False, 0
+    best_state: dict[str, torch.Tensor] = {}
+    n = len(data.train.y)
+    for epoch in range(1, epochs + 1):
+        epoch_start = time.perf_counter()
+        model.train()
+        order = torch.randperm(n, generator=generator)
+        loss_sum = 0.0
+        for begin in range(0, n, arch.batch_size):
+            index = order[begin:begin + arch.batch_size]
+            x, target = train_inputs(index).to(device), data.train.y[index].to(device)
+            optimizer.zero_grad(set_to_none=True)
+            loss = nn.functional.cross_entropy(model(x, start), target)
+            loss.backward()
+            optimizer.step()
+            loss_sum += loss.item() * len(index)
+        val_loss, val_accuracy = evaluate(model, val_inputs, data.val.y, start, device)
+        result = EpochResult(epoch, loss_sum / n, val_loss, val_accuracy, time.perf_counter() - epoch_start)
+        results.append(result)
+        if not math.isfinite(val_loss):
+            raise FloatingPointError(f"validation loss is {val_loss} at epoch {epoch} (learning rate too high?)")
+        if best_epoch == 0 or val_loss < results[best_epoch - 1].val_loss:
+            best_epoch, rising = epoch, 0
+            best_state = model.prefix_state(arch.conv_layers)
+        else:
+            rising += 1
+        if report is not None:
+            report(result)
+        if patience and rising >= patience and epoch < epochs:
+            stopped_early = True
+            break
+    return TrainResult(results, best_epoch, time.perf_counter() - started, mode, stopped_early, best_state)

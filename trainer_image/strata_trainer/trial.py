@@ -1,0 +1,195 @@
+"""One Optuna trial becomes a trained network: find a donor prefix, train the rest, publish, tell."""
+
+from __future__ import annotations
+
+import logging
+import os
+import tempfile
+import time
+from dataclasses import dataclass
+
+import optuna
+import torch
+
+from strata.architecture import CNNArchitecture, architecture_from_params
+from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_store
+from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
+from strata.spec import StudySpec
+from strata.study import (
+    ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
+    ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, load_study,
+)
+from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
+from strata_trainer.data import load_dataset
+from strata_trainer.model import CNN
+from strata_trainer.resources import configure_threads, memory_limit, pick_device
+from strata_trainer.training import EpochResult, train
+
+log = logging.getLogger("strata.trainer")
+
+EXIT_COMPLETE, EXIT_FAILED, EXIT_USAGE, EXIT_PRUNED = 0, 1, 2, 3
+STATE_EXIT = {
+    optuna.trial.TrialState.COMPLETE: EXIT_COMPLETE,
+    optuna.trial.TrialState.PRUNED: EXIT_PRUNED,
+    optuna.trial.TrialState.FAIL: EXIT_FAILED,
+}
+
+
+@dataclass
+class ReusedPrefix:
+    layers: int
+    donor: DonorMeta
+    state: dict[str, torch.Tensor]
+
+
+def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, min_epochs: int) -> ReusedPrefix | None:
+    """The longest prefix of at most n-1 layers with a donor, the donor with the best val loss.
+
+    A corrupt entry is skipped for the next-best donor; an unreachable store means no reuse.
+    """
+    if registry is None:
+        return None
+    for k in range(arch.conv_layers - 1, 0, -1):
+        signature = arch.prefix_signature(k)
+        refused: set[str] = set()
+        while True:
+            try:
+                donor = registry.best_donor(signature, min_epochs, exclude=refused)
+            except ObjectStoreError as error:
+                log.warning("layer registry unreachable (%s): training from scratch", error)
+                return None
+            if donor is None:
+                break
+            try:
+                return ReusedPrefix(k, donor, prefix_from_bytes(registry.load_weights(donor)))
+            except (CorruptCheckpoint, ObjectNotFound, ValueError, RuntimeError) as error:
+                # torch refuses anything but tensors (weights_only) and we refuse a wrong sha256
+                log.warning("layer registry: refusing %s (%s); trying another donor", donor.entry, error)
+                refused.add(donor.entry)
+            except ObjectStoreError as error:
+                log.warning("layer registry unreachable (%s): training from scratch", error)
+                return None
+    return None
+
+
+def open_registry(spec: StudySpec, checkpoints: str | None) -> LayerRegistry | None:
+    location = checkpoints or spec.storage.checkpoints
+    if not location:
+        return None
+    try:
+        return LayerRegistry(open_object_store(location, spec.storage.s3_endpoint))
+    except ObjectStoreError as error:
+        log.warning("layer registry unreachable (%s): training from scratch, nothing published", error)
+        return None
+
+
+def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict[str, torch.Tensor],
+                     from_layer: int, *, study: str, trial: int, val_loss: float, epochs: int) -> int:
+    """Publish prefixes longer than the reused one (shorter ones are the donor's, already there)."""
+    published = 0
+    for k in range(max(from_layer, 0) + 1, arch.conv_layers + 1):
+        keys = {name for name in state if int(name.split(".")[0]) < k}
+        prefix = {name: state[name] for name in sorted(keys)}
+        try:
+            registry.publish(arch.prefix_signature(k), prefix_to_bytes(prefix), study=study, trial_number=trial,
+                             val_loss=val_loss, epochs=epochs)
+            published += 1
+        except ObjectStoreError as error:
+            log.warning("could not publish %d-layer prefix: %s", k, error)
+            break
+    return published
+
+
+def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None = None) -> int:
+    study, spec = load_study(study_name, storage_url)
+    storage = study._storage
+    trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
+    frozen = storage.get_trial(trial_id)
+    if frozen.state.is_finished():
+        # Idempotent: a re-delivered pod or a resumed run never trains a finished trial twice.
+        log.info("trial %d is already %s", trial_number, frozen.state.name)
+        return STATE_EXIT[frozen.state]
+    if frozen.state != optuna.trial.TrialState.RUNNING:
+        log.error("trial %d is %s, not RUNNING: the scheduler must ask it first", trial_number, frozen.state.name)
+        return EXIT_USAGE
+    trial = optuna.trial.Trial(study, trial_id)
+    try:
+        return _train_and_tell(study, spec, trial, frozen.params, checkpoints)
+    except Exception as error:  # a failed trial is recorded, never left RUNNING and never crashes the study
+        log.exception("trial %d failed", trial_number)
+        reason = f"{type(error).__name__}: {error}"[:500]
+        storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
+        study.tell(trial_number, state=optuna.trial.TrialState.FAIL)
+        return EXIT_FAILED
+
+
+def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Trial, params: dict,
+                    checkpoints: str | None) -> int:
+    threads = configure_threads()
+    device = pick_device(spec.training.device)
+    arch = architecture_from_params(spec, params)
+    data = load_dataset(spec.training, spec.storage.s3_endpoint)
+    registry = open_registry(spec, checkpoints) if spec.reuse.enabled else None
+    reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs)
+
+    torch.manual_seed(spec.training.seed)
+    model = CNN(arch)
+    frozen_layers = 0
+    if reused is not None:
+        model.load_prefix(reused.state, reused.layers)
+        frozen_layers = reused.layers if spec.reuse.freeze else 0
+    epochs = spec.training.epochs
+    if reused is not None and spec.training.epochs_when_reusing:
+        epochs = spec.training.epochs_when_reusing
+    log.info("trial %d: %s, reusing %d layer(s)%s, %d epochs, %d threads, %s", trial.number, arch.describe(),
+             reused.layers if reused else 0, f" from {reused.donor.study}#{reused.donor.trial_number}" if reused else "",
+             epochs, threads, device)
+
+    metric_of = (lambda r: r.val_loss) if spec.objective.metric == "val_loss" else (lambda r: r.val_accuracy)
+
+    def report(result: EpochResult) -> None:
+        trial.report(metric_of(result), result.epoch)
+        if trial.should_prune():
+            raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
+
+    attrs = {
+        ATTR_REUSED_LAYERS: reused.layers if reused else 0,
+        ATTR_DONOR_TRIAL: reused.donor.trial_number if reused else None,
+        ATTR_DONOR_STUDY: reused.donor.study if reused else None,
+    }
+    started = time.perf_counter()
+    spill_dir = os.environ.get("STRATA_SPILL_DIR") or tempfile.gettempdir()
+    try:
+        result = train(model, data, frozen_layers=frozen_layers, epochs=epochs,
+                       patience=spec.training.early_stop_patience, seed=spec.training.seed, device=device,
+                       cache_features=spec.reuse.cache_frozen_features, memory_limit=memory_limit(),
+                       spill_dir=spill_dir, report=report)
+    except optuna.TrialPruned:
+        attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
+                      ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values)})
+        _set_attrs(trial, attrs)
+        study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
+        log.info("trial %d pruned", trial.number)
+        return EXIT_PRUNED
+
+    best = result.best
+    attrs.update({
+        ATTR_TRAIN_SECONDS: round(result.train_seconds, 3), ATTR_EPOCHS_RUN: len(result.epochs),
+        ATTR_FEATURE_CACHE: result.feature_cache, "val_loss": best.val_loss, "val_accuracy": best.val_accuracy,
+        "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
+        "val_loss_per_epoch": [round(r.val_loss, 5) for r in result.epochs],
+    })
+    _set_attrs(trial, attrs)
+    if registry is not None:
+        # Publish before telling: once the trial is COMPLETE, its layers are already visible.
+        publish_prefixes(registry, arch, result.best_prefix_state, reused.layers if reused else 0,
+                         study=study.study_name, trial=trial.number, val_loss=best.val_loss, epochs=len(result.epochs))
+    study.tell(trial.number, metric_of(best))
+    log.info("trial %d complete: val_loss %.4f, accuracy %.4f, %.1f s", trial.number, best.val_loss,
+             best.val_accuracy, result.train_seconds)
+    return EXIT_COMPLETE
+
+
+def _set_attrs(trial: optuna.trial.Trial, attrs: dict) -> None:
+    for key, value in attrs.items():
+        trial.set_user_attr(key, value)
