@@ -151,3 +151,35 @@ def check_space_fits_input(spec: StudySpec) -> None:
             f"spec.searchSpace.convLayers: {deepest} conv layers pool a {height}x{width} input to nothing; "
             "lower the maximum or raise spec.training.inputSize"
         )
+
+
+def layer_flops(arch: CNNArchitecture) -> list[float]:
+    """Forward multiply-adds per image of each conv block, then of the whole head (last entry)."""
+    flops = []
+    c, h, w = arch.input_shape
+    for layer in arch.conv:
+        flops.append(2.0 * layer.in_channels * layer.out_channels * layer.kernel ** 2 * h * w)
+        c, h, w = layer.out_channels, h // layer.pool, w // layer.pool
+    width, head = c * h * w, 0.0
+    for units in (*arch.fc_units, arch.num_classes):
+        head += 2.0 * width * units
+        width = units
+    return flops + [head]
+
+
+def estimate_seconds_saved(arch: CNNArchitecture, frozen: int, cached: bool, epochs_run: int,
+                           scratch_epochs: int, train_seconds: float) -> float:
+    """Seconds a from-scratch training of the same network would have taken, minus what this took.
+
+    A cost model, not a measurement: a trainable layer costs ~3 forward passes per epoch (forward,
+    input and weight gradients), a frozen one 1 per epoch, or 1 in total when its output is cached.
+    Scaled by the measured time of this training.
+    """
+    flops = layer_flops(arch)
+    conv, head = flops[:-1], flops[-1]
+    scratch = scratch_epochs * 3 * (sum(conv) + head)
+    frozen_cost = sum(conv[:frozen]) * (1 if cached else epochs_run)
+    actual = frozen_cost + epochs_run * 3 * (sum(conv[frozen:]) + head)
+    if actual <= 0 or train_seconds <= 0:
+        return 0.0
+    return max(0.0, train_seconds * scratch / actual - train_seconds)

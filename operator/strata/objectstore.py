@@ -15,6 +15,10 @@ from typing import Iterator, Protocol
 from urllib.parse import urlparse
 
 
+_UMASK = os.umask(0)
+os.umask(_UMASK)
+
+
 class ObjectStoreError(RuntimeError):
     """The store could not be reached or refused an operation."""
 
@@ -44,6 +48,8 @@ class LocalFolderStore:
         self.url = str(self.root)
 
     def _path(self, key: str) -> Path:
+        if not key.strip("/"):
+            raise ObjectStoreError("empty object key")
         path = (self.root / key).resolve()
         if self.root.resolve() not in path.parents and path != self.root.resolve():
             raise ObjectStoreError(f"key escapes the store: {key}")
@@ -51,14 +57,21 @@ class LocalFolderStore:
 
     def put_bytes(self, key: str, data: bytes) -> None:
         path = self._path(key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
         try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".tmp-", suffix=".part")
+        except OSError as error:
+            raise ObjectStoreError(f"{key}: {error}") from error
+        try:
+            os.fchmod(fd, 0o666 & ~_UMASK)  # readable by other pods sharing the volume, as open() would
             with os.fdopen(fd, "wb") as handle:
                 handle.write(data)
                 handle.flush()
                 os.fsync(handle.fileno())
             os.replace(tmp, path)
+        except OSError as error:
+            Path(tmp).unlink(missing_ok=True)
+            raise ObjectStoreError(f"{key}: {error}") from error
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
@@ -75,14 +88,27 @@ class LocalFolderStore:
         base = self.root / prefix if prefix.endswith("/") else self.root
         if not base.exists():
             return
-        for path in sorted(base.rglob("*")):
-            if path.is_file() and not path.name.startswith(".tmp-"):
-                key = path.relative_to(self.root).as_posix()
-                if key.startswith(prefix):
+        try:
+            paths = sorted(base.rglob("*"))
+        except OSError as error:
+            raise ObjectStoreError(f"list {prefix}: {error}") from error
+        for path in paths:
+            if path.name.startswith(".tmp-"):
+                continue
+            key = path.relative_to(self.root).as_posix()
+            if not key.startswith(prefix):
+                continue
+            try:
+                if path.is_file():
                     yield ObjectInfo(key, path.stat().st_size)
+            except FileNotFoundError:
+                continue  # removed while listing
 
     def delete(self, key: str) -> None:
-        self._path(key).unlink(missing_ok=True)
+        try:
+            self._path(key).unlink(missing_ok=True)
+        except OSError as error:
+            raise ObjectStoreError(f"delete {key}: {error}") from error
 
 
 class S3Store:
@@ -90,13 +116,23 @@ class S3Store:
 
     def __init__(self, bucket: str, prefix: str, endpoint: str, access_key: str | None, secret_key: str | None,
                  create_bucket: bool = True):
+        import certifi
+        import urllib3
         from minio import Minio
 
         parsed = urlparse(endpoint if "://" in endpoint else f"http://{endpoint}")
         self.bucket, self.prefix = bucket, prefix.strip("/")
         self.url = f"s3://{bucket}/{self.prefix}".rstrip("/")
+        # Bounded timeouts and retries: an unreachable store must fail a lookup in seconds, not minutes.
+        http = urllib3.PoolManager(
+            timeout=urllib3.Timeout(connect=float(os.environ.get("STRATA_S3_CONNECT_TIMEOUT", "3")),
+                                    read=float(os.environ.get("STRATA_S3_READ_TIMEOUT", "60"))),
+            retries=urllib3.Retry(total=2, connect=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
+            maxsize=10, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
+        )
         self.client = Minio(parsed.netloc, access_key=access_key, secret_key=secret_key,
-                            secure=parsed.scheme == "https", region="us-east-1")
+                            secure=parsed.scheme == "https", region=os.environ.get("STRATA_S3_REGION"),
+                            http_client=http)
         try:
             if create_bucket and not self.client.bucket_exists(bucket):
                 self.client.make_bucket(bucket)
@@ -120,7 +156,7 @@ class S3Store:
             response = self.client.get_object(self.bucket, self._key(key))
             return response.read()
         except S3Error as error:
-            if error.code in ("NoSuchKey", "NoSuchBucket"):
+            if error.code == "NoSuchKey":
                 raise ObjectNotFound(key) from None
             raise ObjectStoreError(f"get {key}: {error}") from error
         except Exception as error:

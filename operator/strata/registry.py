@@ -3,8 +3,8 @@
 Layout in the object store (an entry is visible once its meta.json exists; weights go first):
 
     layers/<signature key>/signature.json
-    layers/<signature key>/<study>-t<trial>/weights.pt     (a torch state dict, weights_only)
-    layers/<signature key>/<study>-t<trial>/meta.json      (DonorMeta, with the weights' sha256)
+    layers/<signature key>/<study>-t<trial>-<sha>/weights.pt     (a torch state dict, weights_only)
+    layers/<signature key>/<study>-t<trial>-<sha>/meta.json      (DonorMeta, with the weights' sha256)
 
 This module moves bytes and metadata; strata_trainer.checkpoints turns tensors into bytes.
 """
@@ -42,7 +42,8 @@ class DonorMeta:
 
     @property
     def entry(self) -> str:
-        return f"{ROOT}/{self.signature_key}/{self.study}-t{self.trial_number}"
+        # The sha makes each attempt's entry unique: re-publishing never overwrites committed weights.
+        return f"{ROOT}/{self.signature_key}/{self.study}-t{self.trial_number}-{self.sha256[:12]}"
 
     @property
     def weights_key(self) -> str:

@@ -19,7 +19,6 @@ from __future__ import annotations
 
 import logging
 import math
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -32,13 +31,14 @@ from strata.registry import LayerRegistry
 from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
-    ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_TRAIN_SECONDS,
+    ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED,
     distributions,
 )
 
 log = logging.getLogger(__name__)
 ATTR_FAIL_KIND = "strata.failure_kind"  # trainer | infrastructure | timeout | interrupted
 ATTR_STARTED = "strata.started"
+ATTR_DUPLICATE_OF = "strata.duplicate_of"
 RETRYABLE = {"infrastructure"}
 
 
@@ -123,7 +123,6 @@ class TrialScheduler:
         trials = self.trials()
         p = Progress()
         retried_roots = self._attempts(trials)
-        scratch: dict[tuple, list[float]] = {}
         for t in trials:
             if ATTR_RETRY_OF not in t.user_attrs:
                 p.configs += 1
@@ -144,25 +143,15 @@ class TrialScheduler:
                 if reused:
                     p.reused_trials += 1
                     p.reused_layers += reused
-                elif t.state == TrialState.COMPLETE and ATTR_TRAIN_SECONDS in t.user_attrs:
-                    scratch.setdefault(self._shape_key(t), []).append(float(t.user_attrs[ATTR_TRAIN_SECONDS]))
+                    p.seconds_saved += float(t.user_attrs.get(ATTR_SECONDS_SAVED) or 0.0)
             elif t.state == TrialState.FAIL and self._failed_for_good(t, trials, retried_roots):
                 p.finished += 1
-        for t in trials:  # time saved: a reused trial vs the median scratch trial of the same shape
-            if t.state == TrialState.COMPLETE and t.user_attrs.get(ATTR_REUSED_LAYERS):
-                baseline = scratch.get(self._shape_key(t))
-                if baseline and ATTR_TRAIN_SECONDS in t.user_attrs:
-                    p.seconds_saved += max(0.0, statistics.median(baseline) - float(t.user_attrs[ATTR_TRAIN_SECONDS]))
         completed = [t for t in trials if t.state == TrialState.COMPLETE and t.value is not None]
         if completed:
             pick = min if self.spec.objective.resolved_direction == "minimize" else max
             best = pick(completed, key=lambda t: t.value)
             p.best = Best(best.number, float(best.value), dict(best.params))
         return p
-
-    @staticmethod
-    def _shape_key(t: FrozenTrial) -> tuple:
-        return (depth_of(t.params), t.params.get("filters"), t.params.get("kernelSize"))
 
     @staticmethod
     def _attempts(trials: list[FrozenTrial]) -> dict[int, int]:
@@ -241,6 +230,8 @@ class TrialScheduler:
                 break
             budget -= 1
             trials = self.trials()
+            if self._tell_if_duplicate(trial, trials):
+                continue
             if self._needs_donor(trial, trials, active | set(plan.launch)) and budget > 0:
                 donor = self._enqueue_donor(trial)
                 if donor is not None:
@@ -289,6 +280,25 @@ class TrialScheduler:
             if _params_key(point) not in taken:
                 return point
         return None
+
+    def _tell_if_duplicate(self, trial: FrozenTrial, trials: list[FrozenTrial]) -> bool:
+        """A sampler proposing a finished configuration again gets its result, without training."""
+        key = _params_key(trial.params)
+        for t in trials:
+            if t.number != trial.number and t.state in (TrialState.COMPLETE, TrialState.PRUNED) \
+                    and _params_key(t.params) == key and ATTR_DUPLICATE_OF not in t.user_attrs:
+                storage = self.study._storage
+                storage.set_trial_user_attr(trial._trial_id, ATTR_DUPLICATE_OF, t.number)
+                for name in ("val_loss", "val_accuracy"):
+                    if name in t.user_attrs:
+                        storage.set_trial_user_attr(trial._trial_id, name, t.user_attrs[name])
+                if t.state == TrialState.COMPLETE:
+                    self.study.tell(trial.number, t.value)
+                else:
+                    self.study.tell(trial.number, state=TrialState.PRUNED)
+                log.info("trial %d repeats trial %d: result copied, nothing trained", trial.number, t.number)
+                return True
+        return False
 
     def _retry_failed(self, trials: list[FrozenTrial]) -> None:
         attempts = self._attempts(trials)

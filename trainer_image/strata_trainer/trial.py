@@ -11,13 +11,13 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from strata.architecture import CNNArchitecture, architecture_from_params
+from strata.architecture import CNNArchitecture, architecture_from_params, estimate_seconds_saved
 from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_store
 from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
-    ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, load_study,
+    ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_TRAIN_SECONDS, load_study,
 )
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import load_dataset
@@ -173,6 +173,10 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         return EXIT_PRUNED
 
     best = result.best
+    if reused is not None:
+        attrs[ATTR_SECONDS_SAVED] = round(estimate_seconds_saved(
+            arch, frozen_layers, result.feature_cache != "off", len(result.epochs), spec.training.epochs,
+            result.train_seconds), 3)
     attrs.update({
         ATTR_TRAIN_SECONDS: round(result.train_seconds, 3), ATTR_EPOCHS_RUN: len(result.epochs),
         ATTR_FEATURE_CACHE: result.feature_cache, "val_loss": best.val_loss, "val_accuracy": best.val_accuracy,
