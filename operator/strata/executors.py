@@ -27,7 +27,7 @@ class Executor(Protocol):
     def start(self, number: int) -> None: ...
     def poll(self) -> list[WorkerExit]: ...
     def active(self) -> set[int]: ...
-    def started_at(self, number: int) -> float: ...
+    def started_at(self, number: int) -> float: ...  # epoch seconds
     def stop(self, number: int) -> None: ...
     def stop_all(self) -> None: ...
 
@@ -64,7 +64,7 @@ class LocalProcessExecutor:
                 trainer_command(self.storage_url, self.study_name, number, self.checkpoints, sys.executable),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
-        self._procs[number] = (proc, time.monotonic())
+        self._procs[number] = (proc, time.time())
 
     def poll(self) -> list[WorkerExit]:
         exits = []
@@ -73,7 +73,7 @@ class LocalProcessExecutor:
             if code is not None:
                 del self._procs[number]
                 reason = "Completed" if code in (0, 3) else ("OOMKilled" if code == -signal.SIGKILL else "Error")
-                exits.append(WorkerExit(number, code, reason, time.monotonic() - started))
+                exits.append(WorkerExit(number, code, reason, time.time() - started))
         return exits
 
     def active(self) -> set[int]:
@@ -97,10 +97,10 @@ def _terminate(procs: list[subprocess.Popen], grace: float) -> None:
     for proc in procs:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGTERM)
-    deadline = time.monotonic() + grace
+    deadline = time.time() + grace
     for proc in procs:
         try:
-            proc.wait(max(0.0, deadline - time.monotonic()))
+            proc.wait(max(0.0, deadline - time.time()))
         except subprocess.TimeoutExpired:
             os.killpg(proc.pid, signal.SIGKILL)
             proc.wait()

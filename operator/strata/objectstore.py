@@ -187,14 +187,15 @@ def s3_credentials_from_env() -> tuple[str | None, str | None]:
     return access, secret
 
 
-def open_object_store(location: str, endpoint: str | None = None, create: bool = True) -> ObjectStore:
+def open_object_store(location: str, endpoint: str | None = None, create: bool = True,
+                      credentials: tuple[str | None, str | None] | None = None) -> ObjectStore:
     """A folder path, file:///path or s3://bucket/prefix (endpoint from the spec or STRATA_S3_ENDPOINT)."""
     if location.startswith("s3://"):
         bucket, _, prefix = location[len("s3://"):].partition("/")
         endpoint = endpoint or os.environ.get("STRATA_S3_ENDPOINT")
         if not endpoint:
             raise ObjectStoreError(f"{location}: no S3 endpoint (set spec.storage.s3Endpoint or STRATA_S3_ENDPOINT)")
-        access, secret = s3_credentials_from_env()
+        access, secret = credentials or s3_credentials_from_env()
         return S3Store(bucket, prefix, endpoint, access, secret, create_bucket=create)
     if location.startswith("file://"):
         location = urlparse(location).path

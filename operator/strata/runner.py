@@ -16,13 +16,40 @@ from strata.executors import Executor, WorkerExit
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
 
 log = logging.getLogger(__name__)
-EXIT_TOLD_OPTUNA = {0, 1, 3}  # complete, failed (told), pruned: the trainer recorded the outcome
 
 
 def handle_exit(scheduler: TrialScheduler, worker: WorkerExit) -> None:
     """A worker that ended without telling Optuna failed its attempt (the scheduler may retry it)."""
     scheduler.fail_attempt(worker.number, f"trainer exited with code {worker.exit_code} ({worker.reason})",
                            kind="infrastructure")
+
+
+def step(scheduler: TrialScheduler, executor: Executor, parallel: int) -> tuple[Outcome, Plan, list[WorkerExit]]:
+    """One reconciliation: record ended workers, enforce timeouts, decide, launch. Idempotent."""
+    exits = executor.poll()
+    for worker in exits:
+        handle_exit(scheduler, worker)
+    timeout = scheduler.spec.trials.timeout_seconds
+    if timeout:
+        for number in list(executor.active()):
+            if time.time() - executor.started_at(number) > timeout:
+                executor.stop(number)
+                scheduler.fail_attempt(number, f"trial exceeded timeoutSeconds={timeout}", kind="timeout")
+    active = executor.active()
+    outcome = scheduler.outcome(active)
+    if outcome.stop_active and active:
+        log.info("stopping %d running trials: %s", len(active), outcome.message)
+        executor.stop_all()
+        for number in active:
+            scheduler.fail_attempt(number, outcome.message, kind="interrupted")
+        return scheduler.outcome(set()), Plan(), exits
+    if outcome.finished:
+        scheduler.stop_waiting(active, outcome.message)
+        return outcome, Plan(), exits
+    plan = scheduler.plan(active, max(0, parallel - len(active)))
+    for number in plan.launch:
+        executor.start(number)
+    return outcome, plan, exits
 
 
 def run_loop(
@@ -35,35 +62,14 @@ def run_loop(
     poll_seconds: float = 0.5,
 ) -> Outcome:
     stop = stop or threading.Event()
-    timeout = scheduler.spec.trials.timeout_seconds
     scheduler.started_at()
     try:
         while not stop.is_set():
-            for worker in executor.poll():
-                handle_exit(scheduler, worker)
-            if timeout:
-                for number in list(executor.active()):
-                    if time.monotonic() - executor.started_at(number) > timeout:
-                        executor.stop(number)
-                        scheduler.fail_attempt(number, f"trial exceeded timeoutSeconds={timeout}", kind="timeout")
-            active = executor.active()
-            outcome = scheduler.outcome(active)
-            if outcome.stop_active and active:
-                log.info("stopping %d running trials: %s", len(active), outcome.message)
-                executor.stop_all()
-                for number in active:
-                    scheduler.fail_attempt(number, outcome.message, kind="interrupted")
-                continue
-            if outcome.finished:
-                scheduler.stop_waiting(executor.active(), outcome.message)
-                if on_progress:
-                    on_progress(scheduler.progress(), outcome, Plan())
-                return outcome
-            plan = scheduler.plan(active, max(0, parallel - len(active)))
-            for number in plan.launch:
-                executor.start(number)
+            outcome, plan, _ = step(scheduler, executor, parallel)
             if on_progress:
                 on_progress(scheduler.progress(executor.active()), outcome, plan)
+            if outcome.finished:
+                return outcome
             stop.wait(poll_seconds)
     finally:
         if stop.is_set():

@@ -193,6 +193,10 @@ class Storage(_Model):
     # the study file (local) or the operator's bucket (Kubernetes).
     checkpoints: str | None = None
     s3_endpoint: str | None = None  # e.g. http://minio:9000; credentials come from the environment
+    # Kubernetes: credentials only through Secrets. The Optuna URL (with its password) from a key of
+    # a Secret; the object store's keys from a Secret with `accessKey` and `secretKey`.
+    database_secret: SecretKeyRef | None = None
+    object_store_secret: str | None = None
     keep_on_delete: bool = True  # keep the Optuna study and checkpoints when the HPOStudy is deleted
 
     @field_validator("checkpoints")
@@ -201,6 +205,56 @@ class Storage(_Model):
         if value and value.startswith("s3://") and len(value) <= len("s3://"):
             raise ValueError("s3:// checkpoints need a bucket name")
         return value
+
+
+class SecretKeyRef(_Model):
+    name: str = Field(min_length=1)
+    key: str = Field(min_length=1)
+
+
+class Toleration(_Model):
+    key: str | None = None
+    operator: Literal["Exists", "Equal"] = "Equal"
+    value: str | None = None
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
+    toleration_seconds: int | None = None
+
+
+class Resources(_Model):
+    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+    limits: dict[str, str] = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+
+
+class GpuPlacement(_Model):
+    """Which trials go to GPU nodes: all of them when enabled, or those at least this large."""
+
+    enabled: bool = False
+    count: int = Field(1, ge=1)
+    min_conv_layers: int | None = Field(None, ge=1)
+    min_filters: int | None = Field(None, ge=1)
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+
+    def wants(self, params: dict[str, Any]) -> bool:
+        if not self.enabled:
+            return False
+        if self.min_conv_layers and int(params.get("convLayers", 1)) < self.min_conv_layers:
+            return False
+        if self.min_filters and int(params.get("filters", 18)) < self.min_filters:
+            return False
+        return True
+
+
+class TrainerPod(_Model):
+    """How trainer pods run on Kubernetes (ignored by `strata run`)."""
+
+    image: str | None = None  # default: the operator's configured trainer image
+    image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
+    service_account_name: str | None = None
+    resources: Resources = Resources()
+    node_selector: dict[str, str] = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list)
+    gpu: GpuPlacement = GpuPlacement()
 
 
 class StudySpec(_Model):
@@ -212,6 +266,7 @@ class StudySpec(_Model):
     training: Training = Training()
     reuse: Reuse = Reuse()
     storage: Storage = Storage()
+    trainer: TrainerPod = TrainerPod()
     suspend: bool = False
 
     @field_validator("search_space")
@@ -330,8 +385,9 @@ def format_validation_error(error: ValidationError, root: str = "") -> str:
     """The first problem as one line that names the field, e.g. 'spec.trials.max: ...'."""
     first = error.errors()[0]
     loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "tagged-union"))]
-    # Pydantic names union members by their tag; keep the user's path only.
-    loc = [part for part in loc if part not in ("int", "float", "categorical") or part == loc[-1]]
+    # Pydantic names union members by their tag (searchSpace.<name>.<tag>); keep the user's path only.
+    loc = [part for i, part in enumerate(loc)
+           if not (part in ("int", "float", "categorical") and i >= 2 and loc[i - 2] in ("searchSpace", "search_space"))]
     path = ".".join(([root] if root else []) + loc)
     msg = first["msg"]
     if first["type"] == "union_tag_invalid":
@@ -383,3 +439,77 @@ def load_study_file(path: str | Path) -> HPOStudy:
 def spec_to_json(spec: StudySpec) -> dict[str, Any]:
     """The spec as the manifest spells it (camelCase), for Optuna user attrs and the CRD."""
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# Descriptions of every spec field, by its manifest name (the CRD's `kubectl explain` text).
+FIELD_DOCS: dict[str, str] = {
+    "objective": "What the study optimises.",
+    "metric": "Per-epoch validation metric the trainer reports: val_loss or val_accuracy.",
+    "direction": "minimize or maximize; defaults to minimize for val_loss and maximize for val_accuracy.",
+    "goal": "Stop the study once a trial reaches this metric value.",
+    "searchSpace": "Hyperparameters by name (convLayers, filters, kernelSize, fcLayout, fcLayers, fcUnits, "
+                   "learningRate, batchSize, optimizer), each an int, float or categorical parameter.",
+    "type": "Parameter type: int, float or categorical.",
+    "low": "Lowest value (int and float parameters).",
+    "high": "Highest value, inclusive (int and float parameters).",
+    "step": "Step between values (int: default 1; float: optional, makes the range finite).",
+    "log": "Sample on a log scale (needs low > 0).",
+    "choices": "Values of a categorical parameter.",
+    "sampler": "Optuna sampler that proposes trials.",
+    "name": "Name.",
+    "seed": "Random seed, for reproducible studies.",
+    "startupTrials": "Trials before the sampler or pruner starts modelling.",
+    "pruner": "Optuna pruner that stops unpromising trials from their per-epoch values.",
+    "warmupSteps": "Epochs a trial runs before it can be pruned.",
+    "minResource": "Minimum epochs for successive halving and hyperband.",
+    "reductionFactor": "Reduction factor for successive halving and hyperband.",
+    "trials": "How many trials, how many at once, and how failures are handled.",
+    "max": "Trials that count towards the study (retries of a failed trial do not).",
+    "parallel": "Trials running at once (trainer pods or local processes).",
+    "maxFailed": "The study fails once more trial attempts than this have failed.",
+    "retries": "Re-runs of a trial whose pod or process failed (crash, OOM, eviction, lost pod).",
+    "timeoutSeconds": "Wall-clock limit of one trial; a trial past it is stopped and failed.",
+    "studyTimeoutSeconds": "Wall-clock limit of the whole study.",
+    "training": "How each trial trains its network.",
+    "dataset": "Training data: fashion-mnist, mnist or cifar10 (torchvision's format), from a path or s3://.",
+    "path": "Directory or s3://bucket/prefix holding the dataset files.",
+    "inputSize": "Pad (or downscale) images to this square size, e.g. 32 for Fashion-MNIST at CIFAR size.",
+    "subsetSize": "Train on a deterministic stratified subset of this many images.",
+    "validationSplit": "Fraction of the (subset of the) training images held out for validation.",
+    "epochs": "Epochs per trial trained from scratch.",
+    "epochsWhenReusing": "Epochs per trial that reuses trained layers (they need fewer).",
+    "earlyStopPatience": "Stop a trial after this many epochs of rising validation loss; 0 disables.",
+    "device": "auto (a GPU when the pod has one), cpu or cuda.",
+    "reuse": "Layer reuse: take trained conv prefixes from earlier trials.",
+    "enabled": "Turn the feature on.",
+    "freeze": "Freeze reused layers (no gradients, no optimizer state); false fine-tunes them.",
+    "cacheFrozenFeatures": "Compute the frozen prefix's outputs once per trial instead of every epoch.",
+    "reuseAwareScheduling": "Order trials so donors are trained before the trials that reuse them.",
+    "minDonorEpochs": "Only reuse layers from donors trained at least this many epochs.",
+    "storage": "Where the Optuna study and the layer checkpoints live.",
+    "optunaUrl": "Optuna storage URL without credentials (prefer databaseSecret on Kubernetes).",
+    "checkpoints": "Layer registry location: a directory or s3://bucket/prefix.",
+    "s3Endpoint": "S3/MinIO endpoint URL, e.g. http://minio:9000.",
+    "databaseSecret": "Secret key holding the Optuna storage URL (with its password).",
+    "key": "Key in the Secret.",
+    "objectStoreSecret": "Secret with accessKey and secretKey for the S3/MinIO checkpoint store.",
+    "keepOnDelete": "Keep the Optuna study and the checkpoints when the HPOStudy is deleted.",
+    "trainer": "Trainer pods: image, resources and CPU/GPU placement.",
+    "image": "Trainer image (default: the operator's configured image).",
+    "imagePullPolicy": "Image pull policy of trainer pods.",
+    "serviceAccountName": "Service account of trainer pods.",
+    "resources": "Resource requests and limits of trainer pods (threads and cache follow the limits).",
+    "requests": "Resource requests, e.g. cpu: '1', memory: 2Gi.",
+    "limits": "Resource limits, e.g. cpu: '2', memory: 4Gi.",
+    "nodeSelector": "Node labels trainer pods must match.",
+    "tolerations": "Tolerations of trainer pods.",
+    "operator": "Toleration operator: Exists or Equal.",
+    "value": "Toleration value.",
+    "effect": "Taint effect to tolerate.",
+    "tolerationSeconds": "How long a NoExecute taint is tolerated.",
+    "gpu": "Send trials to GPU nodes: all when enabled, or only those at least minConvLayers deep / minFilters wide.",
+    "count": "GPUs per trial pod (nvidia.com/gpu).",
+    "minConvLayers": "Only trials with at least this many conv layers go to GPU nodes.",
+    "minFilters": "Only trials with at least this many filters go to GPU nodes.",
+    "suspend": "Pause the study: running trials finish, no new ones start.",
+}

@@ -1,0 +1,182 @@
+"""The HPOStudy CRD, generated from the spec model: `python -m strata.crd > crds/hpostudy.yaml`.
+
+Pydantic's JSON schema becomes a structural openAPIV3Schema: references inlined, nullable
+instead of anyOf-null, the parameter union merged into one object with CEL rules, descriptions
+from spec.FIELD_DOCS on every field.
+"""
+
+from __future__ import annotations
+
+import copy
+import sys
+from typing import Any
+
+import yaml
+
+from strata.spec import API_GROUP, API_VERSION, FIELD_DOCS, KIND, StudySpec
+
+PLURAL, SINGULAR, SHORT = "hpostudies", "hpostudy", ["hpo"]
+
+PARAMETER_RULES = [
+    {"rule": "self.type != 'categorical' || has(self.choices)", "message": "a categorical parameter needs choices"},
+    {"rule": "self.type == 'categorical' || (has(self.low) && has(self.high))",
+     "message": "int and float parameters need low and high"},
+    {"rule": "!has(self.low) || !has(self.high) || self.low <= self.high", "message": "low must not exceed high"},
+    {"rule": "!has(self.log) || !self.log || !has(self.low) || self.low > 0", "message": "log scale needs low > 0"},
+    {"rule": "self.type != 'int' || ((!has(self.low) || self.low == int(self.low)) && (!has(self.high) || self.high == int(self.high)))",
+     "message": "int parameters need integer low and high"},
+]
+
+
+def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any:
+    if isinstance(node, list):
+        return [_structural(n, defs) for n in node]
+    if not isinstance(node, dict):
+        return node
+    node = copy.deepcopy(node)
+    if "$ref" in node:
+        target = defs[node.pop("$ref").split("/")[-1]]
+        node = {**copy.deepcopy(target), **node}
+    if "oneOf" in node and "discriminator" in node:
+        return _merged_parameter(node, defs)
+    if "anyOf" in node:
+        variants = node.pop("anyOf")
+        options = [o for o in variants if o.get("type") != "null"]
+        if len(options) == 1:
+            node = {**_structural(options[0], defs), **node}
+            if len(options) < len(variants):
+                node["nullable"] = True
+        else:  # a union of scalars (categorical choices): any JSON value
+            node["x-kubernetes-preserve-unknown-fields"] = True
+    node.pop("title", None)
+    node.pop("discriminator", None)
+    if "const" in node:
+        node["enum"] = [node.pop("const")]
+    if "exclusiveMinimum" in node:
+        node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
+    if "exclusiveMaximum" in node:
+        node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
+    if node.get("additionalProperties") is False:
+        node.pop("additionalProperties")
+    if isinstance(node.get("additionalProperties"), dict):
+        node["additionalProperties"] = _structural(node["additionalProperties"], defs)
+    if "items" in node:
+        node["items"] = _structural(node["items"], defs)
+    if "properties" in node:
+        node["properties"] = {k: _described(_structural(v, defs, k), k) for k, v in node["properties"].items()}
+    if node.get("default") is None:
+        node.pop("default", None)
+    return node
+
+
+def _described(node: dict[str, Any], name: str) -> dict[str, Any]:
+    if name in FIELD_DOCS:
+        node["description"] = FIELD_DOCS[name]
+    return node
+
+
+def _merged_parameter(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, Any]:
+    """Structural schemas allow no oneOf of objects: one object with every field, CEL per type."""
+    properties: dict[str, Any] = {}
+    for option in node["oneOf"]:
+        variant = _structural(option, defs)
+        for key, value in variant.get("properties", {}).items():
+            if key == "type":
+                continue
+            if key in ("low", "high", "step"):
+                value = {"type": "number", "nullable": True, "description": FIELD_DOCS[key]}
+            properties.setdefault(key, value)
+    properties["type"] = {"type": "string", "enum": ["int", "float", "categorical"], "description": FIELD_DOCS["type"]}
+    properties["choices"] = {"type": "array", "minItems": 1, "description": FIELD_DOCS["choices"],
+                             "items": {"x-kubernetes-preserve-unknown-fields": True}}
+    return {"type": "object", "required": ["type"], "properties": properties,
+            "x-kubernetes-validations": PARAMETER_RULES}
+
+
+def spec_schema() -> dict[str, Any]:
+    schema = StudySpec.model_json_schema(by_alias=True, mode="validation")
+    defs = schema.pop("$defs", {})
+    result = _structural(schema, defs)
+    result["description"] = "Desired state of a hyperparameter study over the paper's CNN family."
+    trials = result["properties"]["trials"]
+    trials["x-kubernetes-validations"] = [
+        {"rule": "!has(self.parallel) || self.parallel <= self.max", "message": "parallel must not exceed max"}]
+    result["x-kubernetes-validations"] = [
+        {"rule": "!has(self.sampler) || !has(self.sampler.name) || self.sampler.name != 'grid' || "
+                 "self.searchSpace.all(k, self.searchSpace[k].type != 'float' || has(self.searchSpace[k].step))",
+         "message": "sampler grid needs finite parameters: float ranges need a step"}]
+    return result
+
+
+STATUS_SCHEMA: dict[str, Any] = {
+    "type": "object",
+    "description": "Observed state: phase, conditions, trial counts, the best trial, reuse totals.",
+    "x-kubernetes-preserve-unknown-fields": True,
+    "properties": {
+        "phase": {"type": "string", "description": "Pending, Running, Suspended, Succeeded, Failed, Invalid or Error."},
+        "message": {"type": "string", "description": "Human-readable state."},
+        "observedGeneration": {"type": "integer", "description": "The spec generation this status reflects."},
+        "optunaStudy": {"type": "string", "description": "Name of the Optuna study."},
+        "completed": {"type": "string", "description": "Finished trials of max, e.g. 7/20."},
+        "trials": {"type": "object", "description": "Trial counts by state.",
+                   "x-kubernetes-preserve-unknown-fields": True},
+        "best": {"type": "object", "nullable": True, "description": "The best trial: number, value, params.",
+                 "x-kubernetes-preserve-unknown-fields": True},
+        "reuse": {"type": "object", "description": "Trials that reused layers, layers reused, seconds saved.",
+                  "x-kubernetes-preserve-unknown-fields": True},
+        "conditions": {"type": "array", "description": "Ready, Running, Complete and Failed conditions.",
+                       "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
+                                 "required": ["type", "status"],
+                                 "properties": {"type": {"type": "string"}, "status": {"type": "string"},
+                                                "reason": {"type": "string"}, "message": {"type": "string"},
+                                                "lastTransitionTime": {"type": "string", "format": "date-time"},
+                                                "observedGeneration": {"type": "integer", "nullable": True}}}},
+    },
+}
+
+
+def build_crd() -> dict[str, Any]:
+    return {
+        "apiVersion": "apiextensions.k8s.io/v1",
+        "kind": "CustomResourceDefinition",
+        "metadata": {"name": f"{PLURAL}.{API_GROUP}"},
+        "spec": {
+            "group": API_GROUP,
+            "scope": "Namespaced",
+            "names": {"kind": KIND, "plural": PLURAL, "singular": SINGULAR, "shortNames": SHORT,
+                      "listKind": f"{KIND}List", "categories": ["strata"]},
+            "versions": [{
+                "name": API_VERSION,
+                "served": True,
+                "storage": True,
+                "subresources": {"status": {}},
+                "additionalPrinterColumns": [
+                    {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
+                    {"name": "Completed", "type": "string", "jsonPath": ".status.completed"},
+                    {"name": "Running", "type": "integer", "jsonPath": ".status.trials.running"},
+                    {"name": "Best", "type": "number", "jsonPath": ".status.best.value"},
+                    {"name": "Reused", "type": "integer", "jsonPath": ".status.reuse.trials"},
+                    {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                ],
+                "schema": {"openAPIV3Schema": {
+                    "type": "object",
+                    "description": "A hyperparameter optimisation study whose trials reuse trained conv layers.",
+                    "required": ["spec"],
+                    "properties": {
+                        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                        "spec": spec_schema(),
+                        "status": STATUS_SCHEMA,
+                    },
+                }},
+            }],
+        },
+    }
+
+
+def main() -> None:
+    sys.stdout.write("# Generated by `python -m strata.crd` from operator/strata/spec.py: do not edit.\n")
+    yaml.safe_dump(build_crd(), sys.stdout, sort_keys=False, width=120)
+
+
+if __name__ == "__main__":
+    main()

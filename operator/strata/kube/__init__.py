@@ -1,0 +1,1 @@
+"""The Kubernetes side of Strata: Kopf handlers -> StudyService -> builders and the API adapter."""

@@ -1,0 +1,184 @@
+"""Pure builders: study spec + trial -> trainer pod manifest; progress -> status and conditions.
+
+No Kubernetes API here: plain values in, plain dicts out, unit tested without a cluster.
+"""
+
+from __future__ import annotations
+
+import datetime as dt
+from dataclasses import dataclass
+from typing import Any
+
+from strata.scheduler import Outcome, Progress
+from strata.spec import API_GROUP, API_VERSION, KIND, SecretKeyRef, StudySpec, Toleration
+
+LABEL_STUDY = f"{API_GROUP}/study"
+LABEL_TRIAL = f"{API_GROUP}/trial"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+ANNOTATION_REPORTED = f"{API_GROUP}/reported"
+TRAINER_COMMAND = ["python", "-m", "strata_trainer"]  # the trainer image's entrypoint module
+TRAINER_UID = 1000
+
+
+@dataclass(frozen=True)
+class OperatorSettings:
+    """The operator's defaults (Helm values -> env), used where a study's spec is silent."""
+
+    trainer_image: str = "ghcr.io/strata-hpo/trainer:0.1.0"
+    database_secret: SecretKeyRef | None = None  # Optuna URL for studies without spec.storage.databaseSecret
+    object_store_secret: str | None = None
+    checkpoints: str | None = None  # e.g. s3://strata-layers
+    s3_endpoint: str | None = None
+
+
+def optuna_study_name(namespace: str, name: str) -> str:
+    return f"{namespace}.{name}"
+
+
+def trial_pod_name(study: str, number: int) -> str:
+    return f"{study}-trial-{number}"[:63].rstrip("-")
+
+
+def study_selector(study: str) -> str:
+    return f"{LABEL_STUDY}={study}"
+
+
+def _toleration(t: Toleration) -> dict[str, Any]:
+    return t.model_dump(by_alias=True, exclude_none=True)
+
+
+def trainer_args(optuna_name: str, number: int) -> list[str]:
+    return ["--study", optuna_name, "--trial", str(number)]
+
+
+def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params: dict[str, Any],
+                    spec: StudySpec, settings: OperatorSettings) -> dict[str, Any]:
+    """One trainer pod for one asked trial: placement from the spec, credentials from Secrets."""
+    trainer = spec.trainer
+    gpu = trainer.gpu.wants(params)
+    node_selector = {**trainer.node_selector, **(trainer.gpu.node_selector if gpu else {})}
+    tolerations = [_toleration(t) for t in trainer.tolerations + (trainer.gpu.tolerations if gpu else [])]
+    resources = {"requests": dict(trainer.resources.requests), "limits": dict(trainer.resources.limits)}
+    if gpu:
+        resources["limits"]["nvidia.com/gpu"] = str(trainer.gpu.count)
+    env: list[dict[str, Any]] = []
+    database = spec.storage.database_secret or settings.database_secret
+    if database is not None:
+        env.append({"name": "STRATA_STORAGE_URL", "valueFrom": {"secretKeyRef": {"name": database.name, "key": database.key}}})
+    checkpoints = spec.storage.checkpoints or settings.checkpoints
+    if checkpoints:
+        env.append({"name": "STRATA_CHECKPOINTS", "value": checkpoints})
+    endpoint = spec.storage.s3_endpoint or settings.s3_endpoint
+    if endpoint:
+        env.append({"name": "STRATA_S3_ENDPOINT", "value": endpoint})
+    store_secret = spec.storage.object_store_secret or settings.object_store_secret
+    if store_secret:
+        env += [
+            {"name": "STRATA_S3_ACCESS_KEY", "valueFrom": {"secretKeyRef": {"name": store_secret, "key": "accessKey"}}},
+            {"name": "STRATA_S3_SECRET_KEY", "valueFrom": {"secretKeyRef": {"name": store_secret, "key": "secretKey"}}},
+        ]
+    env += [
+        # Threads and the feature cache follow the pod's limits, not the node's size.
+        {"name": "STRATA_CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}},
+        {"name": "STRATA_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1"}}},
+        {"name": "STRATA_SPILL_DIR", "value": "/tmp"},
+        {"name": "STRATA_DATA_CACHE", "value": "/tmp/datasets"},
+        {"name": "HOME", "value": "/tmp"},
+    ]
+    pod_spec: dict[str, Any] = {
+        "restartPolicy": "Never",
+        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
+                            "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "containers": [{
+            "name": "trainer",
+            "image": trainer.image or settings.trainer_image,
+            "imagePullPolicy": trainer.image_pull_policy,
+            "command": list(TRAINER_COMMAND),
+            "args": trainer_args(optuna_study_name(namespace, name), number),
+            "env": env,
+            "resources": resources,
+            "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
+                                "capabilities": {"drop": ["ALL"]}},
+            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+        }],
+        "volumes": [{"name": "tmp", "emptyDir": {}}],
+    }
+    if node_selector:
+        pod_spec["nodeSelector"] = node_selector
+    if tolerations:
+        pod_spec["tolerations"] = tolerations
+    if trainer.service_account_name:
+        pod_spec["serviceAccountName"] = trainer.service_account_name
+    if spec.trials.timeout_seconds:
+        pod_spec["activeDeadlineSeconds"] = spec.trials.timeout_seconds + 60  # the operator stops it first
+    return {
+        "apiVersion": "v1",
+        "kind": "Pod",
+        "metadata": {
+            "name": trial_pod_name(name, number),
+            "namespace": namespace,
+            "labels": {LABEL_STUDY: name, LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer",
+                       "app.kubernetes.io/name": "strata-trainer", "app.kubernetes.io/managed-by": "strata"},
+            "ownerReferences": [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
+                                 "uid": uid, "controller": True, "blockOwnerDeletion": True}],
+        },
+        "spec": pod_spec,
+    }
+
+
+def now() -> str:
+    return dt.datetime.now(dt.timezone.utc).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
+                  generation: int | None) -> list[dict[str, Any]]:
+    """Kubernetes convention: lastTransitionTime moves only when status flips."""
+    value = "True" if status else "False"
+    result, found = [], False
+    for c in conditions or []:
+        if c.get("type") == type_:
+            found = True
+            changed = c.get("status") != value
+            c = {**c, "status": value, "reason": reason, "message": message, "observedGeneration": generation,
+                 "lastTransitionTime": now() if changed else c.get("lastTransitionTime", now())}
+        result.append(c)
+    if not found:
+        result.append({"type": type_, "status": value, "reason": reason, "message": message,
+                       "observedGeneration": generation, "lastTransitionTime": now()})
+    return result
+
+
+def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome, *, max_trials: int,
+                 optuna_name: str, generation: int | None) -> dict[str, Any]:
+    """Small and bounded: counts, the best trial and reuse totals; never a per-trial list."""
+    conditions = previous.get("conditions") or []
+    conditions = set_condition(conditions, "Ready", True, "StudyReady", f"Optuna study {optuna_name}", generation)
+    running = outcome.phase in ("Running", "Pending")
+    conditions = set_condition(conditions, "Running", running and not outcome.finished,
+                               outcome.reason, outcome.message, generation)
+    conditions = set_condition(conditions, "Complete", outcome.finished and outcome.phase == "Succeeded",
+                               outcome.reason, outcome.message, generation)
+    conditions = set_condition(conditions, "Failed", outcome.phase == "Failed", outcome.reason, outcome.message,
+                               generation)
+    best = progress.best
+    return {
+        "phase": outcome.phase,
+        "message": outcome.message,
+        "observedGeneration": generation,
+        "optunaStudy": optuna_name,
+        "trials": {"max": max_trials, "complete": progress.complete, "pruned": progress.pruned,
+                   "failed": progress.failed, "running": progress.running, "waiting": progress.waiting,
+                   "finished": progress.finished},
+        "completed": f"{progress.finished}/{max_trials}",
+        "best": {"number": best.number, "value": best.value,
+                 "params": {k: str(v) for k, v in best.params.items()}} if best else None,
+        "reuse": {"trials": progress.reused_trials, "layers": progress.reused_layers,
+                  "secondsSaved": round(progress.seconds_saved, 1)},
+        "conditions": conditions,
+    }
+
+
+def invalid_status(previous: dict[str, Any], reason: str, message: str, generation: int | None) -> dict[str, Any]:
+    conditions = set_condition(previous.get("conditions") or [], "Ready", False, reason, message, generation)
+    return {"phase": "Invalid" if reason == "InvalidSpec" else "Error", "message": message,
+            "observedGeneration": generation, "conditions": conditions}

@@ -1,0 +1,66 @@
+"""Kopf handlers: registration and wiring only; StudyService does the work.
+
+Run with `kopf run -m strata.kube.handlers --all-namespaces` (or `python -m strata.kube`).
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+
+import kopf
+
+from strata.kube.api import KubeApi
+from strata.kube.reconcile import ReconcileResult, StudyService, settings_from_env
+from strata.spec import API_GROUP, API_VERSION
+
+RESOURCE = (API_GROUP, API_VERSION, "hpostudies")
+FINALIZER = f"{API_GROUP}/finalizer"
+RECONCILE_SECONDS = float(os.environ.get("STRATA_RECONCILE_SECONDS", "5"))
+log = logging.getLogger("strata.operator")
+
+
+@kopf.on.startup()
+def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    settings.persistence.finalizer = FINALIZER
+    settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
+    settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")
+    settings.posting.level = logging.INFO
+    settings.watching.server_timeout = 60
+    memo.service = StudyService(KubeApi(), settings_from_env())
+
+
+def _apply(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
+    if result.status != dict(body.get("status") or {}):
+        patch.status.update(result.status)
+    for type_, reason, message in result.events:
+        if type_ == "Warning":
+            kopf.warn(body, reason=reason, message=message)
+        else:
+            kopf.info(body, reason=reason, message=message)
+
+
+def _reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch) -> None:
+    meta = body["metadata"]
+    result = memo.service.reconcile(meta["namespace"], meta["name"], meta["uid"], dict(body.get("spec") or {}),
+                                    dict(body.get("status") or {}), meta.get("generation"))
+    _apply(result, body, patch)
+
+
+@kopf.on.create(*RESOURCE)
+@kopf.on.resume(*RESOURCE)
+@kopf.on.update(*RESOURCE, field="spec")
+def on_spec(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
+    """Validate and start at once (the timer keeps it going); spec changes apply live."""
+    _reconcile(memo, body, patch)
+
+
+@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False)
+def on_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
+    _reconcile(memo, body, patch)
+
+
+@kopf.on.delete(*RESOURCE)
+def on_delete(memo: kopf.Memo, body: kopf.Body, **_) -> None:
+    meta = body["metadata"]
+    memo.service.delete(meta["namespace"], meta["name"], dict(body.get("spec") or {}))
