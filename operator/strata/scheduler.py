@@ -124,7 +124,7 @@ class TrialScheduler:
         p = Progress()
         retried_roots = self._attempts(trials)
         for t in trials:
-            if ATTR_RETRY_OF not in t.user_attrs:
+            if _counts_towards_max(t):
                 p.configs += 1
             if t.state == TrialState.COMPLETE:
                 p.complete += 1
@@ -189,7 +189,8 @@ class TrialScheduler:
                            f"trial {p.best.number} reached {p.best.value:.4g} (goal {self.spec.objective.goal})")
         target = self._target()
         if p.finished >= target and not active and p.waiting == 0:
-            return Outcome(True, "Succeeded", "MaxTrialsReached", f"{p.finished} of {target} trials finished")
+            return Outcome(True, "Succeeded" if p.complete else "Failed", "MaxTrialsReached",
+                           f"{p.finished} of {target} trials finished" + ("" if p.complete else ", none completed"))
         if self.spec.suspend:
             return Outcome(False, "Suspended", "Suspended", "spec.suspend is true: no new trials are started")
         return Outcome(False, "Running" if p.configs or active else "Pending", "TrialsRunning",
@@ -221,7 +222,7 @@ class TrialScheduler:
                 plan.waiting[t.number] = reason
             else:
                 plan.launch.append(t.number)
-        budget = self._target() - sum(1 for t in trials if ATTR_RETRY_OF not in t.user_attrs)
+        budget = self._target() - sum(1 for t in trials if _counts_towards_max(t))
         asks = 0
         while len(plan.launch) < free_slots and budget > 0 and asks < 4 * free_slots + 8:
             asks += 1
@@ -232,14 +233,15 @@ class TrialScheduler:
             trials = self.trials()
             if self._tell_if_duplicate(trial, trials):
                 continue
-            if self._needs_donor(trial, trials, active | set(plan.launch)) and budget > 0:
+            # A donor may need a donor itself: enqueue the chain down to a prefix that exists.
+            while budget > 0 and self._needs_donor(trial, trials, active | set(plan.launch)):
                 donor = self._enqueue_donor(trial)
-                if donor is not None:
-                    plan.waiting[trial.number] = f"waits for donor trial {donor}"
-                    budget -= 1
-                    trials = self.trials()
-                    self._consider(self._frozen(donor), trials, active, plan, free_slots)
-                    continue
+                if donor is None:
+                    break
+                plan.waiting[trial.number] = f"waits for donor trial {donor}"
+                budget -= 1
+                trials = self.trials()
+                trial = self._frozen(donor)
             self._consider(trial, trials, active, plan, free_slots)
         if not active and not plan.launch and plan.waiting and free_slots > 0:
             # Nothing runs and everything waits: never stall, start the oldest trial without a donor.
@@ -386,6 +388,11 @@ class TrialScheduler:
         for t in self.trials():
             if t.state == TrialState.RUNNING and t.number not in active:
                 self.fail_attempt(t.number, reason, kind="interrupted")
+
+
+def _counts_towards_max(t: FrozenTrial) -> bool:
+    # Retries re-run a configuration; an enqueued trial (WAITING) counts once it is asked.
+    return ATTR_RETRY_OF not in t.user_attrs and t.state != TrialState.WAITING
 
 
 def _params_key(params: dict[str, Any]) -> tuple:

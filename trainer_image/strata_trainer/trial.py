@@ -17,7 +17,7 @@ from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
-    ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_TRAIN_SECONDS, load_study,
+    ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_TRAIN_SECONDS, load_study,
 )
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import load_dataset
@@ -42,11 +42,14 @@ class ReusedPrefix:
     state: dict[str, torch.Tensor]
 
 
-def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, min_epochs: int) -> ReusedPrefix | None:
+def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, min_epochs: int,
+                         failures: list[str] | None = None) -> ReusedPrefix | None:
     """The longest prefix of at most n-1 layers with a donor, the donor with the best val loss.
 
     A corrupt entry is skipped for the next-best donor; an unreachable store means no reuse.
+    Each refused or unreadable entry is appended to `failures` (the trial records the count).
     """
+    failures = failures if failures is not None else []
     if registry is None:
         return None
     for k in range(arch.conv_layers - 1, 0, -1):
@@ -57,6 +60,7 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
                 donor = registry.best_donor(signature, min_epochs, exclude=refused)
             except ObjectStoreError as error:
                 log.warning("layer registry unreachable (%s): training from scratch", error)
+                failures.append(str(error))
                 return None
             if donor is None:
                 break
@@ -66,8 +70,10 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
                 # torch refuses anything but tensors (weights_only) and we refuse a wrong sha256
                 log.warning("layer registry: refusing %s (%s); trying another donor", donor.entry, error)
                 refused.add(donor.entry)
+                failures.append(donor.entry)
             except ObjectStoreError as error:
                 log.warning("layer registry unreachable (%s): training from scratch", error)
+                failures.append(str(error))
                 return None
     return None
 
@@ -130,7 +136,8 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     arch = architecture_from_params(spec, params)
     data = load_dataset(spec.training, spec.storage.s3_endpoint)
     registry = open_registry(spec, checkpoints) if spec.reuse.enabled else None
-    reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs)
+    load_failures: list[str] = []
+    reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs, load_failures)
 
     torch.manual_seed(spec.training.seed)
     model = CNN(arch)
@@ -156,6 +163,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         ATTR_REUSED_LAYERS: reused.layers if reused else 0,
         ATTR_DONOR_TRIAL: reused.donor.trial_number if reused else None,
         ATTR_DONOR_STUDY: reused.donor.study if reused else None,
+        ATTR_REGISTRY_LOAD_FAILURES: len(load_failures),
     }
     started = time.perf_counter()
     spill_dir = os.environ.get("STRATA_SPILL_DIR") or tempfile.gettempdir()

@@ -11,6 +11,7 @@ import os
 import kopf
 
 from strata.kube.api import KubeApi
+from strata.metrics import StrataMetrics
 from strata.kube.reconcile import ReconcileResult, StudyService, settings_from_env
 from strata.spec import API_GROUP, API_VERSION
 
@@ -27,7 +28,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
     settings.watching.server_timeout = 60
-    memo.service = StudyService(KubeApi(), settings_from_env())
+    metrics = StrataMetrics()
+    port = int(os.environ.get("STRATA_METRICS_PORT", "9090"))
+    if port:
+        metrics.serve(port, os.environ.get("STRATA_METRICS_ADDRESS", "0.0.0.0"))
+    memo.service = StudyService(KubeApi(), settings_from_env(), metrics=metrics)
 
 
 def _apply(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:

@@ -26,11 +26,16 @@ from strata.registry import LayerRegistry
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
 from strata.spec import SecretKeyRef, SpecError, StudySpec, parse_spec, spec_to_json
-from strata.study import ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, StorageError, create_or_load_study, open_storage
+from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
+from strata.study import (
+    ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
+    create_or_load_study, open_storage,
+)
 
 log = logging.getLogger(__name__)
 ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
 TERMINAL = ("Succeeded", "Failed")
+USAGE_INTERVAL_SECONDS = 60.0  # listing a bucket is not free: registry size at most once a minute
 
 # An event to post: (type, reason, message).
 Event = tuple[str, str, str]
@@ -165,9 +170,12 @@ class StudyService:
     """Domain logic for HPOStudy objects; Kopf handlers call it and apply what it returns."""
 
     def __init__(self, api: KubeApi, settings: builders.OperatorSettings,
-                 database_url: Callable[[], str | None] = lambda: os.environ.get("STRATA_DATABASE_URL")):
+                 database_url: Callable[[], str | None] = lambda: os.environ.get("STRATA_DATABASE_URL"),
+                 metrics: StrataMetrics | None = None):
         self.api = api
         self.settings = settings
+        self.metrics = metrics or StrataMetrics()
+        self._usage_checked: dict[str, float] = {}
         self._database_url = database_url
         self._studies: dict[str, StudyRuntime] = {}
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
@@ -217,7 +225,7 @@ class StudyService:
         if cached is not None and cached.spec_json == spec_json:
             return cached
         url = self._database_url_for(namespace, spec)
-        storage = self._storages.get(url) or open_storage(url)
+        storage = self._storages.get(url) or TimedStorage(open_storage(url), self.metrics.storage_seconds)
         self._storages[url] = storage
         # The trainer pods read the spec from the study: pin where checkpoints live.
         checkpoints = spec.storage.checkpoints or self.settings.checkpoints
@@ -234,15 +242,43 @@ class StudyService:
 
     def forget(self, namespace: str, name: str) -> None:
         self._studies.pop(builders.optuna_study_name(namespace, name), None)
+        self.metrics.forget(namespace, name)
 
     # --- reconcile -----------------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any], status: dict[str, Any],
                   generation: int | None) -> ReconcileResult:
         """One pass: validate, connect, step the scheduler, build the status. Never raises on user error."""
-        lock = self._locks.setdefault(builders.optuna_study_name(namespace, name), threading.Lock())
-        with lock:
-            return self._reconcile(namespace, name, uid, raw_spec, status, generation)
+        key = builders.optuna_study_name(namespace, name)
+        lock = self._locks.setdefault(key, threading.Lock())
+        with lock, self.metrics.reconcile(namespace, name):
+            result = self._reconcile(namespace, name, uid, raw_spec, status, generation)
+            self.metrics.update(namespace, name, self._snapshot(key, result))
+            return result
+
+    def _snapshot(self, key: str, result: ReconcileResult) -> StudySnapshot:
+        """Metrics from Optuna (trainer user attrs) and, at most once a minute, the registry's size."""
+        snapshot = StudySnapshot(phase=result.status.get("phase", "Pending"))
+        runtime, progress = self._studies.get(key), result.progress
+        if runtime is None or progress is None:
+            return snapshot
+        snapshot.complete, snapshot.pruned, snapshot.failed = progress.complete, progress.pruned, progress.failed
+        snapshot.running, snapshot.waiting = progress.running, progress.waiting
+        snapshot.best_value = progress.best.value if progress.best else None
+        snapshot.reused_trials, snapshot.reused_layers = progress.reused_trials, progress.reused_layers
+        snapshot.seconds_saved = progress.seconds_saved
+        for trial in runtime.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
+            if ATTR_TRAIN_SECONDS in trial.user_attrs:
+                snapshot.durations.append(float(trial.user_attrs[ATTR_TRAIN_SECONDS]))
+            snapshot.registry_load_failures += int(trial.user_attrs.get(ATTR_REGISTRY_LOAD_FAILURES) or 0)
+        registry = runtime.scheduler.registry
+        if registry is not None and time.monotonic() - self._usage_checked.get(key, -1e9) > USAGE_INTERVAL_SECONDS:
+            self._usage_checked[key] = time.monotonic()
+            try:
+                snapshot.registry_objects, snapshot.registry_bytes = registry.usage()
+            except ObjectStoreError as error:
+                log.warning("layer registry size unavailable: %s", error)
+        return snapshot
 
     def _reconcile(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any], status: dict[str, Any],
                    generation: int | None) -> ReconcileResult:

@@ -1,0 +1,159 @@
+"""Prometheus metrics of the operator, all derived from Optuna and the registry (no Pushgateway).
+
+Trainer pods are short-lived, so trial metrics come from what trainers wrote to Optuna (user
+attrs); each reconcile stores a snapshot per study and a collector turns snapshots into samples.
+Label values are bounded: namespace and study, never a trial number.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from typing import Any, Iterator
+
+from prometheus_client import CollectorRegistry, Counter, Histogram, start_http_server
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+
+PHASES = ("Pending", "Running", "Suspended", "Succeeded", "Failed", "Invalid", "Error")
+DURATION_BUCKETS = (1, 2, 5, 10, 20, 30, 60, 120, 300, 600, 1200, 1800, 3600, 7200, float("inf"))
+
+
+@dataclass
+class StudySnapshot:
+    phase: str = "Pending"
+    complete: int = 0
+    pruned: int = 0
+    failed: int = 0
+    running: int = 0
+    waiting: int = 0
+    best_value: float | None = None
+    reused_trials: int = 0
+    reused_layers: int = 0
+    seconds_saved: float = 0.0
+    registry_load_failures: int = 0
+    durations: list[float] = field(default_factory=list)  # train seconds of finished trials
+    registry_objects: int | None = None
+    registry_bytes: int | None = None
+
+
+class StrataMetrics:
+    def __init__(self, registry: CollectorRegistry | None = None):
+        self.registry = registry or CollectorRegistry()
+        self._lock = threading.Lock()
+        self._studies: dict[tuple[str, str], StudySnapshot] = {}
+        self.reconcile_seconds = Histogram("strata_reconcile_duration_seconds", "Time of one study reconcile.",
+                                           registry=self.registry)
+        self.reconcile_errors = Counter("strata_reconcile_errors", "Reconciles that raised an error.",
+                                        ["namespace", "study"], registry=self.registry)
+        self.storage_seconds = Histogram("strata_optuna_storage_call_duration_seconds",
+                                         "Latency of Optuna storage calls made by the operator.", ["method"],
+                                         buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
+                                         registry=self.registry)
+        self.registry.register(_SnapshotCollector(self))
+
+    def update(self, namespace: str, study: str, snapshot: StudySnapshot) -> None:
+        with self._lock:
+            previous = self._studies.get((namespace, study))
+            if snapshot.registry_objects is None and previous is not None:
+                snapshot.registry_objects, snapshot.registry_bytes = previous.registry_objects, previous.registry_bytes
+            self._studies[(namespace, study)] = snapshot
+
+    def forget(self, namespace: str, study: str) -> None:
+        with self._lock:
+            self._studies.pop((namespace, study), None)
+
+    def snapshots(self) -> dict[tuple[str, str], StudySnapshot]:
+        with self._lock:
+            return dict(self._studies)
+
+    @contextmanager
+    def reconcile(self, namespace: str, study: str) -> Iterator[None]:
+        started = time.perf_counter()
+        try:
+            yield
+        except Exception:
+            self.reconcile_errors.labels(namespace, study).inc()
+            raise
+        finally:
+            self.reconcile_seconds.observe(time.perf_counter() - started)
+
+    def serve(self, port: int, addr: str = "0.0.0.0") -> None:
+        start_http_server(port, addr=addr, registry=self.registry)
+
+
+class _SnapshotCollector:
+    def __init__(self, metrics: StrataMetrics):
+        self.metrics = metrics
+
+    def collect(self):
+        snapshots = self.metrics.snapshots()
+        labels = ["namespace", "study"]
+        by_phase = GaugeMetricFamily("strata_studies", "Studies by phase.", labels=["phase"])
+        phase = GaugeMetricFamily("strata_study_phase", "1 for the study's current phase.", labels=labels + ["phase"])
+        trials = CounterMetricFamily("strata_trials", "Finished trials by final state.", labels=labels + ["state"])
+        current = GaugeMetricFamily("strata_trials_current", "Trials now running or waiting.", labels=labels + ["state"])
+        best = GaugeMetricFamily("strata_best_objective_value", "Best objective value of the study.", labels=labels)
+        reused_trials = CounterMetricFamily("strata_reused_trials", "Finished trials that reused layers.", labels=labels)
+        reused_layers = CounterMetricFamily("strata_reused_layers", "Conv layers reused by finished trials.", labels=labels)
+        saved = CounterMetricFamily("strata_training_seconds_saved", "Estimated training seconds saved by reuse.", labels=labels)
+        load_failures = CounterMetricFamily("strata_registry_load_failures",
+                                            "Donor checkpoints that trainers refused or could not load.", labels=labels)
+        objects = GaugeMetricFamily("strata_registry_objects", "Checkpoints in the study's layer registry.", labels=labels)
+        size = GaugeMetricFamily("strata_registry_bytes", "Bytes of checkpoints in the study's layer registry.", labels=labels)
+        duration = HistogramMetricFamily("strata_trial_duration_seconds", "Training seconds of finished trials.",
+                                         labels=labels)
+        counts = {p: 0 for p in PHASES}
+        for (namespace, study), s in sorted(snapshots.items()):
+            key = [namespace, study]
+            counts[s.phase] = counts.get(s.phase, 0) + 1
+            for p in PHASES:
+                phase.add_metric(key + [p], 1.0 if s.phase == p else 0.0)
+            for state, value in (("complete", s.complete), ("pruned", s.pruned), ("failed", s.failed)):
+                trials.add_metric(key + [state], value)
+            current.add_metric(key + ["running"], s.running)
+            current.add_metric(key + ["waiting"], s.waiting)
+            if s.best_value is not None:
+                best.add_metric(key, s.best_value)
+            reused_trials.add_metric(key, s.reused_trials)
+            reused_layers.add_metric(key, s.reused_layers)
+            saved.add_metric(key, s.seconds_saved)
+            load_failures.add_metric(key, s.registry_load_failures)
+            if s.registry_objects is not None:
+                objects.add_metric(key, s.registry_objects)
+                size.add_metric(key, s.registry_bytes or 0)
+            duration.add_metric(key, _buckets(s.durations), sum_value=sum(s.durations))
+        for p, n in counts.items():
+            by_phase.add_metric([p], n)
+        yield from (by_phase, phase, trials, current, best, reused_trials, reused_layers, saved, load_failures,
+                    objects, size, duration)
+
+
+def _buckets(values: list[float]) -> list[tuple[str, float]]:
+    result = []
+    for bound in DURATION_BUCKETS:
+        result.append(("+Inf" if bound == float("inf") else str(bound), sum(1 for v in values if v <= bound)))
+    return result
+
+
+class TimedStorage:
+    """Wraps an Optuna storage and times every method call into the latency histogram."""
+
+    def __init__(self, storage: Any, histogram: Histogram):
+        self._storage, self._histogram = storage, histogram
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._storage, name)
+        if not callable(attr) or name.startswith("_"):
+            return attr
+        histogram = self._histogram
+
+        def timed(*args: Any, **kwargs: Any) -> Any:
+            started = time.perf_counter()
+            try:
+                return attr(*args, **kwargs)
+            finally:
+                histogram.labels(name).observe(time.perf_counter() - started)
+
+        return timed
