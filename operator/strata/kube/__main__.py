@@ -9,7 +9,9 @@ import kopf.cli
 
 
 def main() -> None:
-    args = ["run", "-m", "strata.kube.handlers", "--liveness=http://0.0.0.0:8080/healthz"]
+    # Standalone: one operator replica, no peering objects (and no RBAC for them).
+    health = os.environ.get("STRATA_HEALTH_URL", "http://0.0.0.0:8080/healthz")
+    args = ["run", "-m", "strata.kube.handlers", "--standalone", f"--liveness={health}"]
     namespace = os.environ.get("STRATA_NAMESPACE")
     args += ["--namespace", namespace] if namespace else ["--all-namespaces"]
     sys.argv = ["kopf", *args, *sys.argv[1:]]

@@ -1,0 +1,125 @@
+{{/* Names and labels shared by every template. */}}
+
+{{- define "strata.name" -}}
+{{- default .Chart.Name .Values.nameOverride | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "strata.fullname" -}}
+{{- if .Values.fullnameOverride }}
+{{- .Values.fullnameOverride | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- $name := default .Chart.Name .Values.nameOverride }}
+{{- if contains $name .Release.Name }}
+{{- .Release.Name | trunc 63 | trimSuffix "-" }}
+{{- else }}
+{{- printf "%s-%s" .Release.Name $name | trunc 63 | trimSuffix "-" }}
+{{- end }}
+{{- end }}
+{{- end }}
+
+{{- define "strata.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{- define "strata.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "strata.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+{{- end }}
+
+{{- define "strata.labels" -}}
+helm.sh/chart: {{ include "strata.chart" . }}
+{{ include "strata.selectorLabels" . }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/part-of: strata
+{{- end }}
+
+{{/* Labels of one component: pass (dict "ctx" $ "component" "operator"). */}}
+{{- define "strata.componentLabels" -}}
+{{ include "strata.labels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "strata.componentSelectorLabels" -}}
+{{ include "strata.selectorLabels" .ctx }}
+app.kubernetes.io/component: {{ .component }}
+{{- end }}
+
+{{- define "strata.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create }}
+{{- default (include "strata.fullname" .) .Values.serviceAccount.name }}
+{{- else }}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name }}
+{{- end }}
+{{- end }}
+
+{{- define "strata.operatorImage" -}}
+{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- end }}
+
+{{- define "strata.trainerImage" -}}
+{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- end }}
+
+{{/* ---- Optuna storage: in-cluster PostgreSQL or an external database ---- */}}
+
+{{- define "strata.postgresql.fullname" -}}
+{{- printf "%s-postgresql" (include "strata.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Secret with the server password (key: password). */}}
+{{- define "strata.postgresql.authSecret" -}}
+{{- printf "%s-auth" (include "strata.postgresql.fullname" .) }}
+{{- end }}
+
+{{/* Name and key of the Secret holding the full Optuna URL, or "" when no database is configured. */}}
+{{- define "strata.database.secretName" -}}
+{{- if and .Values.postgresql.enabled .Values.externalDatabase.existingSecret }}
+{{- fail "set either postgresql.enabled or externalDatabase.existingSecret, not both" }}
+{{- else if .Values.postgresql.enabled }}
+{{- printf "%s-url" (include "strata.postgresql.fullname" .) }}
+{{- else }}
+{{- .Values.externalDatabase.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "strata.database.secretKey" -}}
+{{- if .Values.postgresql.enabled }}url{{ else }}{{ .Values.externalDatabase.existingSecretKey }}{{ end }}
+{{- end }}
+
+{{/* ---- Layer registry: in-cluster MinIO or an external S3 store ---- */}}
+
+{{- define "strata.minio.fullname" -}}
+{{- printf "%s-minio" (include "strata.fullname" .) | trunc 63 | trimSuffix "-" }}
+{{- end }}
+
+{{/* Secret with keys accessKey and secretKey (the keys trainer pods read), or "". */}}
+{{- define "strata.objectStore.secretName" -}}
+{{- if and .Values.minio.enabled (or .Values.externalObjectStore.existingSecret .Values.externalObjectStore.endpoint) }}
+{{- fail "set either minio.enabled or externalObjectStore, not both" }}
+{{- else if .Values.minio.enabled }}
+{{- include "strata.minio.fullname" . }}
+{{- else }}
+{{- .Values.externalObjectStore.existingSecret }}
+{{- end }}
+{{- end }}
+
+{{- define "strata.objectStore.endpoint" -}}
+{{- if .Values.minio.enabled }}
+{{- printf "http://%s.%s.svc:9000" (include "strata.minio.fullname" .) .Release.Namespace }}
+{{- else }}
+{{- .Values.externalObjectStore.endpoint }}
+{{- end }}
+{{- end }}
+
+{{- define "strata.objectStore.bucket" -}}
+{{- if .Values.minio.enabled }}{{ .Values.minio.bucket }}{{ else }}{{ .Values.externalObjectStore.bucket }}{{ end }}
+{{- end }}
+
+{{/* Security context of every container: no root, no escalation, no capabilities, read-only root. */}}
+{{- define "strata.containerSecurityContext" -}}
+readOnlyRootFilesystem: true
+allowPrivilegeEscalation: false
+capabilities:
+  drop: ["ALL"]
+{{- end }}

@@ -1,0 +1,681 @@
+"""The Helm chart (charts/strata), rendered offline by the Helm SDK (no helm binary, no cluster).
+
+It renders for every supported Kubernetes version, its schema rejects bad values, its RBAC grants
+exactly what the operator calls, every container runs unprivileged with credentials from Secrets,
+and what it wires (env, Secrets, CRD, dashboard) is what the operator, the trainer pods and the
+exporter really use.
+"""
+
+from __future__ import annotations
+
+import ast
+import base64
+import functools
+import json
+import os
+import re
+from pathlib import Path
+from typing import Any
+
+import pytest
+import yaml
+
+helm_python = pytest.importorskip("helm_python")
+kubernetes_validate = pytest.importorskip("kubernetes_validate")
+
+from strata.kube import api as kube_api  # noqa: E402
+from strata.kube import builders  # noqa: E402
+from strata.spec import API_GROUP, parse_spec  # noqa: E402
+from tests.dashboard_queries import PROMETHEUS_VARIABLES, iter_panels, load_dashboard_queries  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+CHART = ROOT / "charts" / "strata"
+RELEASE, NAMESPACE = "strata", "ml"
+KUBE_VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
+CUSTOM_KINDS = {"ServiceMonitor"}  # custom resources: kubernetes-validate has no schema for them
+WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+
+VALUE_SETS: dict[str, dict[str, Any]] = {
+    "defaults": {},
+    "namespace-rbac": {"rbac": {"scope": "namespace"}},
+    "bundled-services": {"postgresql": {"enabled": True}, "minio": {"enabled": True}},
+    "external-services": {
+        "externalDatabase": {"existingSecret": "optuna-db", "existingSecretKey": "optuna-url"},
+        "externalObjectStore": {"endpoint": "https://s3.example.com", "bucket": "strata-layers",
+                                "existingSecret": "s3-keys"},
+    },
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+                   "dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "Strata"}}},
+    "everything": {
+        "rbac": {"scope": "namespace"}, "postgresql": {"enabled": True, "auth": {"password": "given-pass"}},
+        "minio": {"enabled": True, "auth": {"accessKey": "strata", "secretKey": "given-secret-key"}},
+        "metrics": {"serviceMonitor": {"enabled": True}},
+        "imagePullSecrets": [{"name": "registry"}],
+        "trainer": {"image": {"repository": "registry.example.com/trainer", "tag": "0.1.0-cuda"},
+                    "gpuNodeSelector": {"pool": "gpu"},
+                    "gpuTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
+        "operator": {"extraArgs": ["--verbose"], "nodeSelector": {"pool": "system"},
+                     "extraEnv": [{"name": "STRATA_S3_REGION", "value": "eu-west-1"}]},
+    },
+}
+
+
+# --- rendering --------------------------------------------------------------------------------------
+
+@functools.lru_cache(maxsize=None)
+def _render(values_json: str) -> dict[str, str]:
+    chart = helm_python.Chart.load(str(CHART))
+    return chart.render(json.loads(values_json), name=RELEASE, namespace=NAMESPACE, is_install=True)
+
+
+def render(values: dict[str, Any] | None = None) -> dict[str, str]:
+    """Template path -> rendered text (NOTES.txt included)."""
+    return _render(json.dumps(values or {}, sort_keys=True))
+
+
+def manifests(values: dict[str, Any] | None = None) -> list[dict[str, Any]]:
+    docs = []
+    for path, text in sorted(render(values).items()):
+        if path.endswith(".yaml"):
+            docs += [doc for doc in yaml.safe_load_all(text) if doc]
+    return docs
+
+
+def only(docs: list[dict[str, Any]], kind: str, name: str | None = None) -> dict[str, Any]:
+    found = [d for d in docs if d["kind"] == kind and (name is None or d["metadata"]["name"] == name)]
+    assert len(found) == 1, f"expected one {kind} {name or ''}, found {[d['metadata']['name'] for d in found]}"
+    return found[0]
+
+
+def operator_container(docs: list[dict[str, Any]]) -> dict[str, Any]:
+    deployment = only(docs, "Deployment")
+    return deployment["spec"]["template"]["spec"]["containers"][0]
+
+
+def env_of(container: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {e["name"]: e for e in container.get("env", [])}
+
+
+def pod_specs(docs: list[dict[str, Any]]) -> list[tuple[str, dict[str, Any]]]:
+    return [(f"{d['kind']}/{d['metadata']['name']}", d["spec"]["template"]["spec"])
+            for d in docs if d["kind"] in WORKLOAD_KINDS]
+
+
+def secret_data(doc: dict[str, Any]) -> dict[str, str]:
+    return {k: base64.b64decode(v).decode() for k, v in (doc.get("data") or {}).items()}
+
+
+# --- helm lint and Kubernetes schemas -----------------------------------------------------------------
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_chart_lints_clean_in_strict_mode(case: str) -> None:
+    report = helm_python.lint(str(CHART), VALUE_SETS[case], strict=True, kube_version="v1.30.0", namespace=NAMESPACE)
+    problems = [m for m in report["messages"] if m["severity"] >= 2]
+    assert report["errors"] == [] and problems == [], report
+
+
+@functools.lru_cache(maxsize=None)
+def _unique_manifests() -> list[dict[str, Any]]:
+    """Every distinct rendered manifest of every value set, plus the chart's CRD."""
+    seen: dict[str, dict[str, Any]] = {}
+    for values in VALUE_SETS.values():
+        for doc in manifests(values):
+            seen.setdefault(json.dumps(doc, sort_keys=True), doc)
+    crd = yaml.safe_load((CHART / "crds" / "hpostudy.yaml").read_text())
+    seen.setdefault(json.dumps(crd, sort_keys=True), crd)
+    return list(seen.values())
+
+
+@pytest.mark.parametrize("version", KUBE_VERSIONS)
+def test_every_manifest_is_valid_for_kubernetes(version: str) -> None:
+    checked, errors = set(), []
+    for doc in _unique_manifests():
+        if doc["kind"] in CUSTOM_KINDS:
+            continue  # no upstream schema; the ServiceMonitor is checked field by field below
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as error:
+            errors.append(f"{doc['kind']}/{doc['metadata']['name']}: {error}")
+        checked.add(doc["kind"])
+    assert not errors, "\n".join(errors)
+    assert {"Deployment", "StatefulSet", "Job", "Service", "Secret", "ConfigMap", "ServiceAccount", "ClusterRole",
+            "ClusterRoleBinding", "Role", "RoleBinding", "CustomResourceDefinition"} <= checked
+
+
+def test_the_kubernetes_version_constraint_matches_the_tested_versions() -> None:
+    chart = yaml.safe_load((CHART / "Chart.yaml").read_text())
+    assert chart["apiVersion"] == "v2" and chart["version"] == "0.1.0" and chart["appVersion"] == "0.1.0"
+    assert chart["kubeVersion"] == f">={KUBE_VERSIONS[0]}-0"
+
+
+# --- values.schema.json ---------------------------------------------------------------------------------
+
+BAD_VALUES = {
+    "unknown rbac scope": {"rbac": {"scope": "galaxy"}},
+    "negative replicas": {"replicaCount": -1},
+    "two active operators": {"replicaCount": 2},
+    "negative metrics port": {"metrics": {"port": -1}},
+    "port out of range": {"metrics": {"port": 70000}},
+    "string for a boolean": {"postgresql": {"enabled": "yes"}},
+    "unknown top-level key": {"postgres": {"enabled": True}},
+    "unknown nested key": {"operator": {"replicas": 2}},
+    "latest operator tag": {"image": {"tag": "latest"}},
+    "latest postgres tag": {"postgresql": {"image": {"tag": "latest"}}},
+    "bad pull policy": {"image": {"pullPolicy": "Sometimes"}},
+    "zero reconcile interval": {"operator": {"reconcileSeconds": 0}},
+    "bad scrape interval": {"metrics": {"serviceMonitor": {"interval": "often"}}},
+    "short minio secret key": {"minio": {"auth": {"secretKey": "short"}}},
+    "bad bucket name": {"minio": {"bucket": "Not_A_Bucket"}},
+    "endpoint without scheme": {"externalObjectStore": {"endpoint": "minio:9000"}},
+    "bad gpu toleration": {"trainer": {"gpuTolerations": [{"operator": "Maybe"}]}},
+}
+
+
+@pytest.mark.parametrize("case", sorted(BAD_VALUES))
+def test_schema_rejects_bad_values(case: str) -> None:
+    with pytest.raises(helm_python.HelmValuesError):
+        render(BAD_VALUES[case])
+
+
+def test_schema_forbids_unknown_keys_at_every_level_it_defines() -> None:
+    def walk(node: Any, where: str) -> list[str]:
+        if not isinstance(node, dict):
+            return []
+        loose = [where] if "properties" in node and node.get("additionalProperties") is not False else []
+        for key, child in node.get("properties", {}).items():
+            loose += walk(child, f"{where}.{key}")
+        return loose + walk(node.get("items"), f"{where}[]")
+
+    schema = json.loads((CHART / "values.schema.json").read_text())
+    assert walk(schema, "values") == []
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"postgresql": {"enabled": True}, "externalDatabase": {"existingSecret": "db"}}, "not both"),
+    ({"minio": {"enabled": True}, "externalObjectStore": {"existingSecret": "keys"}}, "not both"),
+    ({"externalObjectStore": {"endpoint": "https://s3.example.com"}}, "externalObjectStore.bucket is required"),
+    ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
+    ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
+])
+def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
+    with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
+        render(values)
+
+
+# --- operator Deployment --------------------------------------------------------------------------------
+
+def _operator_launch_args(monkeypatch: pytest.MonkeyPatch, env: dict[str, str]) -> list[str]:
+    """The `kopf run` command line that `python -m strata.kube` builds with this env (kopf is not started)."""
+    kopf_cli = pytest.importorskip("kopf.cli")
+    from strata.kube import __main__ as entrypoint
+
+    captured: list[str] = []
+    monkeypatch.setattr(kopf_cli, "main", lambda: captured.extend(entrypoint.sys.argv))
+    monkeypatch.setattr(entrypoint.sys, "argv", ["python -m strata.kube"])
+    for name in [n for n in os.environ if n.startswith("STRATA_")]:
+        monkeypatch.delenv(name)
+    for name, value in env.items():
+        monkeypatch.setenv(name, value)
+    entrypoint.main()
+    return captured
+
+
+def plain_env(container: dict[str, Any], namespace: str = NAMESPACE) -> dict[str, str]:
+    """The container's environment as the kubelet sets it (fieldRef metadata.namespace resolved)."""
+    env = {}
+    for name, entry in env_of(container).items():
+        if "value" in entry:
+            env[name] = entry["value"]
+        elif entry["valueFrom"].get("fieldRef", {}).get("fieldPath") == "metadata.namespace":
+            env[name] = namespace
+    return env
+
+
+def test_operator_deployment_runs_one_standalone_kopf_with_probes_on_its_health_endpoint(
+        monkeypatch: pytest.MonkeyPatch) -> None:
+    docs = manifests()
+    deployment = only(docs, "Deployment")
+    assert deployment["spec"]["replicas"] == 1 and deployment["spec"]["strategy"] == {"type": "Recreate"}
+    container = operator_container(docs)
+    assert container["image"] == "ghcr.io/strata-hpo/operator:0.1.0"
+    assert container["imagePullPolicy"] == "IfNotPresent"
+    assert container["command"] == ["python", "-m", "strata.kube"]
+
+    argv = _operator_launch_args(monkeypatch, plain_env(container))
+    assert "--standalone" in argv, "without --standalone Kopf needs (Cluster)KopfPeering objects and RBAC"
+    assert "--all-namespaces" in argv
+    liveness = next(a for a in argv if a.startswith("--liveness="))
+    match = re.fullmatch(r"--liveness=http://0\.0\.0\.0:(\d+)(/\S*)", liveness)
+    assert match, liveness
+    port, path = int(match.group(1)), match.group(2)
+    ports = {p["name"]: p["containerPort"] for p in container["ports"]}
+    assert ports == {"health": port, "metrics": 9090}
+    for probe in ("livenessProbe", "readinessProbe"):
+        assert container[probe]["httpGet"] == {"path": path, "port": "health"}
+
+
+def test_namespace_scope_restricts_the_operator_to_the_release_namespace(monkeypatch: pytest.MonkeyPatch) -> None:
+    cluster_env = env_of(operator_container(manifests()))
+    assert "STRATA_NAMESPACE" not in cluster_env
+    container = operator_container(manifests({"rbac": {"scope": "namespace"}}))
+    assert env_of(container)["STRATA_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
+    argv = _operator_launch_args(monkeypatch, plain_env(container))
+    assert argv[argv.index("--namespace") + 1] == NAMESPACE and "--all-namespaces" not in argv
+
+
+def test_operator_gets_its_settings_from_values_and_secret_references() -> None:
+    env = env_of(operator_container(manifests(VALUE_SETS["external-services"])))
+    assert env["STRATA_TRAINER_IMAGE"]["value"] == "ghcr.io/strata-hpo/trainer:0.1.0"
+    assert env["STRATA_METRICS_PORT"]["value"] == "9090" and env["STRATA_RECONCILE_SECONDS"]["value"] == "5"
+    assert env["STRATA_DATABASE_SECRET"]["value"] == "optuna-db/optuna-url"
+    assert env["STRATA_OBJECT_STORE_SECRET"]["value"] == "s3-keys"
+    assert env["STRATA_CHECKPOINTS"]["value"] == "s3://strata-layers"
+    assert env["STRATA_S3_ENDPOINT"]["value"] == "https://s3.example.com"
+    for name, key in (("STRATA_S3_ACCESS_KEY", "accessKey"), ("STRATA_S3_SECRET_KEY", "secretKey")):
+        assert env[name]["valueFrom"] == {"secretKeyRef": {"name": "s3-keys", "key": key}}
+
+
+def _strata_env_read_by_the_operator() -> set[str]:
+    names = set()
+    for source in (ROOT / "operator" / "strata").rglob("*.py"):
+        names |= set(re.findall(r"[\"'](STRATA_[A-Z0-9_]+)[\"']", source.read_text()))
+    return names
+
+
+# Passed by the chart for the operator to adopt (trainer.gpuNodeSelector / gpuTolerations); not read yet.
+PROPOSED_OPERATOR_ENV = {"STRATA_GPU_NODE_SELECTOR", "STRATA_GPU_TOLERATIONS"}
+
+
+def test_every_strata_variable_the_chart_sets_is_one_the_operator_reads() -> None:
+    read = _strata_env_read_by_the_operator()
+    for case, values in VALUE_SETS.items():
+        names = {n for n in env_of(operator_container(manifests(values))) if n.startswith("STRATA_")}
+        unknown = names - read - PROPOSED_OPERATOR_ENV
+        assert not unknown, f"{case}: the operator never reads {sorted(unknown)}"
+
+
+def test_gpu_pool_defaults_are_passed_as_json() -> None:
+    env = env_of(operator_container(manifests(VALUE_SETS["everything"])))
+    assert json.loads(env["STRATA_GPU_NODE_SELECTOR"]["value"]) == {"pool": "gpu"}
+    assert json.loads(env["STRATA_GPU_TOLERATIONS"]["value"]) == [
+        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+    assert env["STRATA_TRAINER_IMAGE"]["value"] == "registry.example.com/trainer:0.1.0-cuda"
+    assert not any(n.startswith("STRATA_GPU") for n in env_of(operator_container(manifests())))
+
+
+@pytest.mark.parametrize("case", ["bundled-services", "external-services", "everything"])
+def test_trainer_pods_built_from_the_chart_settings_reference_the_chart_secrets(case: str) -> None:
+    """Chart env -> operator settings -> trainer pod: every secretKeyRef names a Secret and key that exist."""
+    from strata.kube.reconcile import settings_from_env
+
+    docs = manifests(VALUE_SETS[case])
+    plain = {n: e["value"] for n, e in env_of(operator_container(docs)).items() if "value" in e}
+    settings = settings_from_env(plain)
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    pod = builders.build_trial_pod(name="fashion-quick", namespace=NAMESPACE, uid="uid-1", number=0,
+                                   params={"convLayers": 1}, spec=spec, settings=settings)
+    trainer = pod["spec"]["containers"][0]
+    assert trainer["image"] == plain["STRATA_TRAINER_IMAGE"]
+    refs = {e["name"]: e["valueFrom"]["secretKeyRef"] for e in trainer["env"] if "secretKeyRef" in e.get("valueFrom", {})}
+    assert set(refs) == {"STRATA_STORAGE_URL", "STRATA_S3_ACCESS_KEY", "STRATA_S3_SECRET_KEY"}
+    rendered = {d["metadata"]["name"]: d for d in docs if d["kind"] == "Secret"}
+    for ref in refs.values():
+        if ref["name"] in rendered:  # bundled services: the chart made the Secret
+            assert ref["key"] in rendered[ref["name"]]["data"], ref
+        else:  # external services: the user's Secret, named in values
+            assert ref["name"] in ("optuna-db", "s3-keys") and case == "external-services"
+    trainer_env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert trainer_env["STRATA_CHECKPOINTS"] == plain["STRATA_CHECKPOINTS"]
+    assert trainer_env["STRATA_S3_ENDPOINT"] == plain["STRATA_S3_ENDPOINT"]
+
+
+def test_no_storage_configured_leaves_studies_to_name_their_own() -> None:
+    docs = manifests()
+    env = env_of(operator_container(docs))
+    assert not {"STRATA_DATABASE_SECRET", "STRATA_DATABASE_URL", "STRATA_OBJECT_STORE_SECRET", "STRATA_CHECKPOINTS"} & set(env)
+    assert not [d for d in docs if d["kind"] in ("Secret", "StatefulSet", "Job")]
+    assert "no Optuna storage is configured" in render()["strata/templates/NOTES.txt"]
+
+
+# --- RBAC ------------------------------------------------------------------------------------------------
+
+def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) granted by the chart's Roles and ClusterRoles."""
+    result = set()
+    for role in (d for d in docs if d["kind"] in ("Role", "ClusterRole")):
+        for rule in role["rules"]:
+            assert "resourceNames" not in rule and "nonResourceURLs" not in rule, rule
+            for group in rule["apiGroups"]:
+                for resource in rule["resources"]:
+                    for verb in rule["verbs"]:
+                        result.add((group, resource, verb))
+    return result
+
+
+# strata.kube.api's own calls (all core group), from its declaration.
+OPERATOR_CALLS = {("", resource, verb) for resource, verb in kube_api.VERBS_USED}
+# Kopf: list+watch the custom resource, patch it (finalizer, progress annotations) and its status,
+# and POST core v1 Events (kopf.info/kopf.warn). --standalone: no peering objects.
+KOPF_NEEDS = {
+    (API_GROUP, "hpostudies", "list"), (API_GROUP, "hpostudies", "watch"), (API_GROUP, "hpostudies", "patch"),
+    (API_GROUP, "hpostudies/status", "patch"), ("", "events", "create"),
+}
+# --all-namespaces: Kopf watches CRDs to notice resources that appear later (ClusterRole only).
+KOPF_CLUSTER_NEEDS = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
+                      ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+# Reads that add nothing to list (a list returns every object) but that kubectl-style clients expect.
+HARMLESS_READS = {(API_GROUP, "hpostudies", "get"), (API_GROUP, "hpostudies/status", "get"),
+                  ("apiextensions.k8s.io", "customresourcedefinitions", "get")}
+ALLOWED = OPERATOR_CALLS | KOPF_NEEDS | KOPF_CLUSTER_NEEDS | HARMLESS_READS
+
+
+def test_the_declared_api_verbs_match_the_calls_in_the_api_module() -> None:
+    """VERBS_USED is what the RBAC test trusts: prove it against strata/kube/api.py's CoreV1Api calls."""
+    tree = ast.parse(Path(kube_api.__file__).read_text())
+    verbs = {"read": "get", "list": "list", "create": "create", "delete": "delete", "patch": "patch",
+             "replace": "update", "watch": "watch"}
+    calls = set()
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Attribute) and node.value.attr == "core":
+            match = re.fullmatch(r"(read|list|create|delete|patch|replace|watch)_namespaced_(\w+?)(_status)?", node.attr)
+            assert match, f"unexpected CoreV1Api call {node.attr}"
+            resource = match.group(2) + "s" + ("/status" if match.group(3) else "")
+            calls.add((resource, verbs[match.group(1)]))
+    assert calls == kube_api.VERBS_USED
+
+
+@pytest.mark.parametrize("scope", ["cluster", "namespace"])
+def test_rbac_grants_what_the_operator_uses_and_nothing_more(scope: str) -> None:
+    docs = manifests({"rbac": {"scope": scope}})
+    rules = granted(docs)
+    assert OPERATOR_CALLS <= rules, OPERATOR_CALLS - rules
+    assert KOPF_NEEDS <= rules, KOPF_NEEDS - rules
+    assert rules <= ALLOWED, rules - ALLOWED
+    assert not any("*" in part for rule in rules for part in rule)
+    assert ("", "secrets", "list") not in rules and ("", "secrets", "watch") not in rules
+    assert not any(resource.startswith("pods/") for _, resource, _ in rules)  # no exec, attach, portforward
+    if scope == "cluster":
+        assert KOPF_CLUSTER_NEEDS <= rules
+    else:
+        assert not any(group == "apiextensions.k8s.io" for group, _, _ in rules)
+
+
+def test_cluster_scope_binds_a_cluster_role_to_the_operator_service_account() -> None:
+    docs = manifests()
+    role, binding = only(docs, "ClusterRole"), only(docs, "ClusterRoleBinding")
+    assert not [d for d in docs if d["kind"] in ("Role", "RoleBinding")]
+    assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "ClusterRole",
+                                  "name": role["metadata"]["name"]}
+    account = only(docs, "ServiceAccount")
+    assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"], "namespace": NAMESPACE}]
+    assert only(docs, "Deployment")["spec"]["template"]["spec"]["serviceAccountName"] == account["metadata"]["name"]
+
+
+def test_namespace_scope_creates_only_namespaced_objects_in_the_release_namespace() -> None:
+    docs = manifests(VALUE_SETS["everything"])
+    role, binding = only(docs, "Role"), only(docs, "RoleBinding")
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == role["metadata"]["name"]
+    assert {d["metadata"].get("namespace") for d in docs} == {NAMESPACE}
+
+
+# --- security ---------------------------------------------------------------------------------------------
+
+CREDENTIAL_NAME = re.compile(r"PASSWORD|SECRET_KEY|ACCESS_KEY|TOKEN|CREDENTIAL|ROOT_USER|_URL$", re.I)
+URL_WITH_CREDENTIALS = re.compile(r"://[^/\s:@]+:[^/\s@]+@")
+
+
+def privilege_problems(docs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for where, spec in pod_specs(docs):
+        pod_context = spec.get("securityContext", {})
+        if pod_context.get("seccompProfile") != {"type": "RuntimeDefault"}:
+            problems.append(f"{where}: no RuntimeDefault seccomp profile")
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            context = {**pod_context, **container.get("securityContext", {})}
+            label = f"{where}/{container['name']}"
+            if context.get("runAsNonRoot") is not True or context.get("runAsUser", 0) <= 0:
+                problems.append(f"{label} may run as root")
+            if context.get("allowPrivilegeEscalation") is not False:
+                problems.append(f"{label} may escalate privileges")
+            if context.get("readOnlyRootFilesystem") is not True:
+                problems.append(f"{label} has a writable root filesystem")
+            if context.get("capabilities") != {"drop": ["ALL"]} or context.get("privileged"):
+                problems.append(f"{label} keeps capabilities")
+            if "/tmp" not in {m["mountPath"] for m in container.get("volumeMounts", [])}:
+                problems.append(f"{label}: a read-only root needs a writable /tmp")
+    return problems
+
+
+def credential_problems(docs: list[dict[str, Any]]) -> list[str]:
+    problems = []
+    for where, spec in pod_specs(docs):
+        for container in spec.get("initContainers", []) + spec["containers"]:
+            for env in container.get("env", []):
+                label = f"{where}/{container['name']}: {env['name']}"
+                if "value" in env:
+                    if CREDENTIAL_NAME.search(env["name"]):
+                        problems.append(f"{label} is a credential in plain text")
+                    if URL_WITH_CREDENTIALS.search(env["value"]):
+                        problems.append(f"{label} holds a URL with credentials")
+                elif CREDENTIAL_NAME.search(env["name"]) and set(env["valueFrom"]) != {"secretKeyRef"}:
+                    problems.append(f"{label} is a credential from somewhere else than a Secret")
+    return problems
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_every_container_runs_unprivileged(case: str) -> None:
+    docs = manifests(VALUE_SETS[case])
+    assert pod_specs(docs)
+    assert privilege_problems(docs) == []
+
+
+@pytest.mark.parametrize("case", sorted(VALUE_SETS))
+def test_credentials_reach_containers_only_through_secret_references(case: str) -> None:
+    assert credential_problems(manifests(VALUE_SETS[case])) == []
+
+
+def test_the_security_checks_notice_a_weakened_operator() -> None:
+    """The two checks above would fail on a chart that ran as root or passed a password in plain text."""
+    weakened = manifests({"securityContext": {"readOnlyRootFilesystem": False},
+                          "podSecurityContext": {"runAsUser": 0},
+                          "operator": {"extraEnv": [
+                              {"name": "DB_PASSWORD", "value": "hunter2"},
+                              {"name": "OPTUNA", "value": "postgresql://u:hunter2@db:5432/optuna"}]}})
+    assert privilege_problems(weakened) == [f"Deployment/{RELEASE}/operator may run as root",
+                                            f"Deployment/{RELEASE}/operator has a writable root filesystem"]
+    assert len(credential_problems(weakened)) == 2
+
+
+def test_operator_runs_as_the_image_user() -> None:
+    spec = only(manifests(), "Deployment")["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsUser"] == 1000 and spec["securityContext"]["fsGroup"] == 1000
+    assert {"name": "tmp", "emptyDir": {"sizeLimit": "256Mi"}} in spec["volumes"]
+
+
+def test_given_passwords_appear_only_inside_secrets() -> None:
+    values = VALUE_SETS["everything"]
+    for path, text in render(values).items():
+        for secret in ("given-pass", "given-secret-key"):
+            assert secret not in text, f"{path} shows {secret} in plain text"
+    docs = manifests(values)
+    url = secret_data(only(docs, "Secret", f"{RELEASE}-postgresql-url"))["url"]
+    assert url == f"postgresql+psycopg2://strata:given-pass@{RELEASE}-postgresql.{NAMESPACE}.svc:5432/optuna"
+    assert secret_data(only(docs, "Secret", f"{RELEASE}-minio")) == {"accessKey": "strata",
+                                                                       "secretKey": "given-secret-key"}
+
+
+def test_generated_database_password_is_shared_by_the_server_and_the_optuna_url() -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    docs = manifests(VALUE_SETS["bundled-services"])
+    password = secret_data(only(docs, "Secret", f"{RELEASE}-postgresql-auth"))["password"]
+    url = sqlalchemy.engine.make_url(secret_data(only(docs, "Secret", f"{RELEASE}-postgresql-url"))["url"])
+    assert len(password) >= 32 and url.password == password
+    assert (url.drivername, url.username, url.database, url.port) == ("postgresql+psycopg2", "strata", "optuna", 5432)
+    keys = secret_data(only(docs, "Secret", f"{RELEASE}-minio"))
+    assert len(keys["accessKey"]) >= 3 and len(keys["secretKey"]) >= 40
+
+
+def test_a_password_with_url_characters_survives_the_optuna_url() -> None:
+    sqlalchemy = pytest.importorskip("sqlalchemy")
+    password = "p@ss:w/rd?#%"
+    docs = manifests({"postgresql": {"enabled": True, "auth": {"password": password}}})
+    url = secret_data(only(docs, "Secret", f"{RELEASE}-postgresql-url"))["url"]
+    assert sqlalchemy.engine.make_url(url).password == password
+
+
+# --- PostgreSQL and MinIO ---------------------------------------------------------------------------------
+
+def test_bundled_postgresql_keeps_its_data_on_a_volume_as_the_postgres_user() -> None:
+    docs = manifests(VALUE_SETS["bundled-services"])
+    statefulset = only(docs, "StatefulSet", f"{RELEASE}-postgresql")
+    spec = statefulset["spec"]["template"]["spec"]
+    assert spec["securityContext"]["runAsUser"] == 999 and spec["securityContext"]["fsGroup"] == 999
+    container = spec["containers"][0]
+    assert not container["image"].endswith(":latest")
+    claim = statefulset["spec"]["volumeClaimTemplates"][0]
+    assert claim["spec"]["resources"]["requests"]["storage"] == "8Gi"
+    env = env_of(container)
+    assert env["POSTGRES_PASSWORD"]["valueFrom"]["secretKeyRef"] == {"name": f"{RELEASE}-postgresql-auth", "key": "password"}
+    assert env["PGDATA"]["value"].startswith(container["volumeMounts"][0]["mountPath"] + "/")
+    service = only(docs, "Service", f"{RELEASE}-postgresql")
+    assert service["spec"]["ports"][0]["port"] == 5432
+    auth = only(docs, "Secret", f"{RELEASE}-postgresql-auth")
+    assert auth["metadata"]["annotations"]["helm.sh/resource-policy"] == "keep"
+    # On upgrade the password is looked up from the installed Secret rather than regenerated.
+    assert 'lookup "v1" "Secret"' in (CHART / "templates" / "postgresql.yaml").read_text()
+
+
+def test_bundled_minio_creates_the_bucket_in_a_post_install_hook() -> None:
+    docs = manifests(VALUE_SETS["bundled-services"])
+    statefulset = only(docs, "StatefulSet", f"{RELEASE}-minio")
+    assert statefulset["spec"]["volumeClaimTemplates"][0]["spec"]["resources"]["requests"]["storage"] == "20Gi"
+    job = only(docs, "Job")
+    assert job["metadata"]["annotations"]["helm.sh/hook"] == "post-install,post-upgrade"
+    container = job["spec"]["template"]["spec"]["containers"][0]
+    assert container["image"].startswith("quay.io/minio/mc:RELEASE.")
+    env = env_of(container)
+    assert env["S3_BUCKET"]["value"] == "strata-layers"
+    assert env["S3_ENDPOINT"]["value"] == f"http://{RELEASE}-minio.{NAMESPACE}.svc:9000"
+    assert "mc mb --ignore-existing" in container["args"][0]
+    assert only(docs, "Service", f"{RELEASE}-minio")["spec"]["ports"][0]["port"] == 9000
+
+
+def test_every_image_is_pinned() -> None:
+    for values in VALUE_SETS.values():
+        for where, spec in pod_specs(manifests(values)):
+            for container in spec["containers"]:
+                image = container["image"]
+                assert re.search(r":[\w][\w.-]*$", image) and not image.endswith(":latest"), f"{where}: {image}"
+
+
+# --- CRD ---------------------------------------------------------------------------------------------------
+
+def test_chart_ships_the_repository_crd() -> None:
+    chart_crd = CHART / "crds" / "hpostudy.yaml"
+    assert chart_crd.read_text() == (ROOT / "crds" / "hpostudy.yaml").read_text(), (
+        "the chart's CRD is stale: cp crds/hpostudy.yaml charts/strata/crds/hpostudy.yaml")
+    from strata.crd import build_crd
+
+    assert yaml.safe_load(chart_crd.read_text()) == build_crd(), (
+        "crds/hpostudy.yaml is stale: python -m strata.crd > crds/hpostudy.yaml, then copy it into the chart")
+
+
+# --- metrics Service, ServiceMonitor and Grafana dashboard -------------------------------------------------
+
+def test_metrics_service_and_service_monitor_select_the_operator() -> None:
+    docs = manifests(VALUE_SETS["monitoring"])
+    service = only(docs, "Service")
+    assert service["spec"]["ports"] == [{"name": "metrics", "port": 9090, "targetPort": "metrics", "protocol": "TCP"}]
+    pod_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    assert service["spec"]["selector"].items() <= pod_labels.items()
+    monitor = only(docs, "ServiceMonitor")
+    assert monitor["apiVersion"] == "monitoring.coreos.com/v1"
+    assert monitor["metadata"]["labels"]["release"] == "kube-prometheus-stack"
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= service["metadata"]["labels"].items()
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
+    assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "strata"  # the dashboard's up{job="strata"}
+    (endpoint,) = monitor["spec"]["endpoints"]
+    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s",
+                        "honorLabels": True}
+    assert not [d for d in manifests() if d["kind"] == "ServiceMonitor"]
+
+
+def _exported_metric_names() -> set[str]:
+    """Series names the operator's exporter really produces (counters get _total, histograms _bucket...)."""
+    prometheus_client = pytest.importorskip("prometheus_client")
+    from strata.metrics import StrataMetrics, StudySnapshot
+
+    metrics = StrataMetrics()
+    metrics.update("ml", "s", StudySnapshot(phase="Running", complete=2, best_value=0.3, durations=[4.0],
+                                            registry_objects=3, registry_bytes=10))
+    with metrics.reconcile("ml", "s"):
+        pass
+    metrics.reconcile_errors.labels("ml", "s").inc()
+    metrics.storage_seconds.labels("ask").observe(0.01)
+    text = prometheus_client.generate_latest(metrics.registry).decode()
+    return {line.split("{")[0].split(" ")[0] for line in text.splitlines() if line and not line.startswith("#")}
+
+
+def test_dashboard_config_map_carries_the_sidecar_label_and_the_dashboard() -> None:
+    docs = manifests()
+    config_map = only(docs, "ConfigMap")
+    assert config_map["metadata"]["labels"]["grafana_dashboard"] == "1"
+    assert json.loads(config_map["data"]["strata.json"]) == json.loads((CHART / "dashboards" / "strata.json").read_text())
+    custom = only(manifests({"dashboard": {"label": "dashboards", "labelValue": "strata", "namespace": "monitoring"}}),
+                  "ConfigMap")
+    assert custom["metadata"]["labels"]["dashboards"] == "strata" and custom["metadata"]["namespace"] == "monitoring"
+    assert not [d for d in manifests({"dashboard": {"enabled": False}}) if d["kind"] == "ConfigMap"]
+
+
+def test_dashboard_panels_query_prometheus_through_the_datasource_variable() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "strata.json").read_text())
+    assert dashboard["uid"] == "strata-hpo" and dashboard["title"] == "Strata HPO"
+    assert 36 <= dashboard["schemaVersion"] <= 41
+    variables = {v["name"]: v for v in dashboard["templating"]["list"]}
+    assert variables["datasource"]["type"] == "datasource" and variables["datasource"]["query"] == "prometheus"
+    for name in ("namespace", "study"):
+        assert variables[name]["type"] == "query" and "label_values(" in variables[name]["definition"]
+    ids = [p["id"] for p in iter_panels(dashboard)]
+    assert len(ids) == len(set(ids))
+    for panel in iter_panels(dashboard):
+        if panel["type"] == "row":
+            continue
+        assert panel["datasource"] == {"type": "prometheus", "uid": "${datasource}"}, panel["title"]
+        assert panel["targets"], f"{panel['title']} has no query"
+        for target in panel["targets"]:
+            assert target["expr"].strip() and target["refId"], panel["title"]
+
+
+def test_dashboard_queries_use_only_metrics_the_operator_exports() -> None:
+    exported = _exported_metric_names() | {"up"}
+    queries = load_dashboard_queries()
+    used = set()
+    for title, expr in queries:
+        names = set(re.findall(r"\b(strata_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
+        assert names, f"{title}: no metric in {expr}"
+        assert names <= exported, f"{title}: {sorted(names - exported)} are not exported"
+        used |= names
+    # Every family the dashboard promises: progress, best value, states, durations, reuse, health, registry.
+    for family in ("strata_trials_total", "strata_trials_current", "strata_best_objective_value",
+                   "strata_trial_duration_seconds_bucket", "strata_reused_trials_total",
+                   "strata_training_seconds_saved_total", "strata_reconcile_duration_seconds_bucket",
+                   "strata_reconcile_errors_total", "strata_optuna_storage_call_duration_seconds_bucket",
+                   "strata_registry_objects", "strata_registry_bytes", "strata_registry_load_failures_total", "up"):
+        assert family in used, f"no panel shows {family}"
+
+
+def test_dashboard_query_loader_substitutes_grafana_variables() -> None:
+    raw = load_dashboard_queries()
+    plain = load_dashboard_queries(variables=PROMETHEUS_VARIABLES)
+    assert [t for t, _ in raw] == [t for t, _ in plain] and len(raw) >= 15
+    assert any("$namespace" in e for _, e in raw)
+    assert not [e for _, e in plain if "$" in e]
+
+
+def test_notes_tell_how_to_run_and_watch_a_study() -> None:
+    notes = render(VALUE_SETS["bundled-services"])["strata/templates/NOTES.txt"]
+    for text in ("examples/fashion-quick.yaml", "kubectl get hpostudies", "kubectl describe hpostudy",
+                 '"Strata HPO"', "/metrics", f"{RELEASE}-postgresql-url"):
+        assert text in notes, text
+    assert "copy" in notes  # cluster scope: studies elsewhere need the Secrets in their namespace
