@@ -33,27 +33,40 @@ so this module keeps the object store itself and plugs it in as kmock's fallback
 * Secrets: ``stringData`` is folded into base64 ``data``; pods start with ``phase: Pending``;
   ``pods/NAME/log`` is served from a log source that the test kubelet plugs in;
 * core discovery says ``groupVersion: v1`` (kmock says ``/v1``, which makes kubectl map ``pods``
-  to ``metrics.k8s.io``; that group is not loaded either), ``/version`` says v1.32.
+  to ``metrics.k8s.io``; that group is not loaded either), ``/version`` says v1.32;
+* a minimal ``/openapi/v3`` that tells kubectl the server validates fields itself, so
+  ``kubectl apply`` works without ``--validate=false`` (``kubectl explain`` still has no schemas);
+* the protobuf bodies of ``kubectl create namespace|secret|configmap`` (kubectl cannot be told to
+  send JSON there); other ``kubectl create <kind>`` generators get a 415: use ``create -f``.
 
-Not emulated: OpenAPI (``kubectl apply`` needs ``--validate=false``), schema validation and
-defaulting, admission, RBAC/authentication (any token passes), field managers of server-side
-apply, pagination (``limit`` returns everything), graceful pod termination (pods without
-finalizers disappear at once; the test kubelet kills their processes), protobuf.
+Not emulated: schema validation and defaulting, admission, RBAC/authentication (any token
+passes, ``kubectl auth can-i`` fails), field managers of server-side apply (it merges),
+pagination (``limit`` returns everything), graceful pod termination (pods without finalizers
+disappear at once; the test kubelet kills their processes), Foreground deletion order,
+multi-version conversion, ``kubectl exec/port-forward/top``.
+
+Failures can be injected with kmock's DSL on ``handler``, which takes precedence over the store:
+``cluster.handler['post', re.compile('.*/pods')][:1] << 503`` fails the next pod creation.
 """
+from __future__ import annotations
+
 import asyncio
 import base64
 import copy
 import dataclasses
 import datetime
+import gzip
+import importlib.resources
 import json
 import re
 import secrets
 import threading
 import traceback
 import urllib.error
+import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -132,6 +145,16 @@ def parse_route(path: str) -> Route | None:
         namespace, rest = rest[1], rest[2:]
     plural, name, sub = rest[0], (rest[1] if len(rest) > 1 else None), ('/'.join(rest[2:]) or None)
     return Route(kmock.resource(group, version, plural), namespace, name, sub, watch_prefix)
+
+
+def _discovery_resource(path: str) -> kmock.resource | None:
+    """The group/version of a discovery URL (``/api/v1``, ``/apis/G``, ``/apis/G/V``), for kmock."""
+    parts = [part for part in path.split('/') if part]
+    if len(parts) == 2 and parts[0] == 'api':
+        return kmock.resource(group='', version=parts[1])
+    if len(parts) in {2, 3} and parts[0] == 'apis':
+        return kmock.resource(group=parts[1], version=parts[2] if len(parts) == 3 else None)
+    return None
 
 
 # ---------------------------------------------------------------------------------------------
@@ -295,6 +318,78 @@ def apply_patch(target: dict[str, Any], content_type: str, patch: Any, *, custom
     if kind == 'application/strategic-merge-patch+json':
         return merge_patch(target, patch) if custom else strategic_merge_patch(target, patch)
     raise api_error(415, 'UnsupportedMediaType', f'the body of the request was in an unknown format: {content_type}')
+
+
+# ---------------------------------------------------------------------------------------------
+# Protobuf: only what ``kubectl create namespace|secret|configmap`` sends (kubectl has no JSON switch)
+# ---------------------------------------------------------------------------------------------
+
+def _protobuf_fields(buf: bytes) -> list[tuple[int, Any]]:
+    fields, pos = [], 0
+
+    def varint() -> int:
+        nonlocal pos
+        value, shift = 0, 0
+        while True:
+            byte = buf[pos]
+            pos += 1
+            value |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                return value
+
+    while pos < len(buf):
+        key = varint()
+        number, wire = key >> 3, key & 7
+        if wire == 0:
+            fields.append((number, varint()))
+        elif wire == 2:
+            size = varint()
+            fields.append((number, buf[pos:pos + size]))
+            pos += size
+        elif wire in {1, 5}:
+            pos += 8 if wire == 1 else 4
+        else:
+            raise ValueError(f'unsupported protobuf wire type {wire}')
+    return fields
+
+
+def _protobuf_map(entries: list[bytes], *, binary: bool) -> dict[str, str]:
+    result = {}
+    for entry in entries:
+        kv = dict(_protobuf_fields(entry))
+        value = kv.get(2, b'')
+        result[kv.get(1, b'').decode()] = base64.b64encode(value).decode() if binary else value.decode()
+    return result
+
+
+def decode_protobuf(body: bytes) -> dict[str, Any]:
+    """A Namespace, Secret or ConfigMap in Kubernetes' protobuf envelope, as JSON."""
+    if not body.startswith(b'k8s\x00'):
+        raise ValueError('not a Kubernetes protobuf envelope')
+    envelope = dict(_protobuf_fields(body[4:]))
+    type_meta = dict(_protobuf_fields(envelope.get(1, b'')))
+    kind = type_meta.get(2, b'').decode()
+    fields = _protobuf_fields(envelope.get(2, b''))
+    meta_fields = _protobuf_fields(next((v for n, v in fields if n == 1), b''))
+    meta: dict[str, Any] = {name: value.decode() for number, name in [(1, 'name'), (2, 'generateName'), (3, 'namespace')]
+                            for n, value in meta_fields if n == number and value}
+    for number, name in [(11, 'labels'), (12, 'annotations')]:
+        if entries := [v for n, v in meta_fields if n == number]:
+            meta[name] = _protobuf_map(entries, binary=False)
+    obj: dict[str, Any] = {'apiVersion': type_meta.get(1, b'v1').decode(), 'kind': kind, 'metadata': meta}
+    by_number: dict[int, list[Any]] = {}
+    for number, value in fields:
+        by_number.setdefault(number, []).append(value)
+    if kind == 'Secret':
+        obj['data'] = _protobuf_map(by_number.get(2, []), binary=True)
+        obj['type'] = by_number.get(3, [b''])[-1].decode() or 'Opaque'
+    elif kind == 'ConfigMap':
+        obj['data'] = _protobuf_map(by_number.get(2, []), binary=False)
+        obj['binaryData'] = _protobuf_map(by_number.get(3, []), binary=True)
+    elif kind != 'Namespace':
+        raise ValueError(f'protobuf bodies of kind {kind!r} are not emulated')
+    return {k: v for k, v in obj.items() if v != {} or k == 'metadata'}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -472,7 +567,11 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # discovery, /version, and the 404 catch-all from kmock
         self.fallback[self._is_api_request] << self._serve_api_request
-        self.resources.load_bundled()
+        self.fallback['get', re.compile(r'/openapi/v3/?')] << self._serve_openapi_root
+        self.fallback['get', re.compile(r'/openapi/v3/.+')] << self._serve_openapi_group_version
+        # kmock's load_bundled(), without its importlib.resources.read_binary() DeprecationWarning.
+        bundled = importlib.resources.files('kmock._internal').joinpath('resources.json.gz').read_bytes()
+        self.resources.load_data(gzip.decompress(bundled))
         for resource in list(self.resources):
             if resource.group == 'metrics.k8s.io':  # nothing serves metrics; it shadows core pods
                 del self.resources[resource]
@@ -515,6 +614,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         route = parse_route(raw_request.path)
         method = raw_request.method.upper()
         action = None
+        resource = route.resource if route else _discovery_resource(raw_request.path)
         if route is not None:
             watching = route.watch_prefix or raw_request.query.get('watch') in {'true', '1'}
             action = (
@@ -529,7 +629,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
             id=len(self._requests), raw_request=raw_request, url=raw_request.url, method=method,
             params=dict(raw_request.query), headers=dict(raw_request.headers),
             cookies=dict(raw_request.cookies), body=body, text=text, data=data, action=action,
-            resource=route.resource if route else None, namespace=route.namespace if route else None,
+            resource=resource, namespace=route.namespace if route else None,
             name=route.name if route else None, subresource=route.subresource if route else None,
         )
 
@@ -574,6 +674,33 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         return {'major': '1', 'minor': '32', 'gitVersion': 'v1.32.0-emulated', 'gitTreeState': 'clean',
                 'gitCommit': 'emulator', 'buildDate': '2025-01-01T00:00:00Z', 'goVersion': 'go1.23',
                 'compiler': 'gc', 'platform': 'linux/amd64'}
+
+    # Just enough OpenAPI v3 for kubectl to see that the server validates fields itself
+    # (``fieldValidation``), so ``kubectl apply`` works without ``--validate=false``.
+    async def _serve_openapi_root(self, request: kmock.Request) -> Any:
+        group_versions = {_gv(resource) for resource in self.resources}
+        paths = {('api/' if '/' not in gv else 'apis/') + gv: {'serverRelativeURL': '/openapi/v3/' + (
+            'api/' if '/' not in gv else 'apis/') + gv} for gv in sorted(group_versions)}
+        return {'paths': paths}
+
+    async def _serve_openapi_group_version(self, request: kmock.Request) -> Any:
+        path = request.url.path.removeprefix('/openapi/v3/').strip('/')
+        group_version = path.removeprefix('api/').removeprefix('apis/')
+        resources = [r for r in self.resources if _gv(r) == group_version]
+        if not resources:
+            raise api_error(404, 'NotFound', 'the server could not find the requested resource')
+        paths = {}
+        for resource in resources:
+            info = self.resources[resource]
+            prefix = f'/{path}/namespaces/{{namespace}}' if info.namespaced else f'/{path}'
+            gvk = {'group': resource.group, 'version': resource.version, 'kind': info.kind}
+            paths[f'{prefix}/{resource.plural}/{{name}}'] = {'patch': {
+                'x-kubernetes-group-version-kind': gvk,
+                'parameters': [{'name': 'fieldValidation', 'in': 'query', 'schema': {'type': 'string'}}],
+                'responses': {'200': {'description': 'OK'}},
+            }}
+        return {'openapi': '3.0.0', 'info': {'title': 'Kubernetes API emulator', 'version': 'v1.32.0'},
+                'paths': paths, 'components': {'schemas': {}}}
 
     # --- the store ---------------------------------------------------------------------------
 
@@ -647,7 +774,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
                                             "of lower case alphanumeric characters, '-' or '.'", name=name, kind=kind)
         if info.namespaced:
             namespace = namespace or meta.get('namespace') or 'default'
-            if meta.get('namespace') not in (None, namespace):
+            if meta.get('namespace') and meta['namespace'] != namespace:
                 raise api_error(400, 'BadRequest', 'the namespace of the provided object does not match '
                                                    'the namespace sent on the request')
             if self.current(NAMESPACES, None, namespace) is None:
@@ -660,10 +787,11 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         if self.current(resource, namespace, name) is not None:
             raise api_error(409, 'AlreadyExists', f'{_qualified(resource)} "{name}" already exists',
                             name=name, group=resource.group, kind=resource.plural)
-        obj['apiVersion'] = _gv(resource)
-        obj['kind'] = kind
+        obj = {'apiVersion': _gv(resource), 'kind': kind, 'metadata': meta,
+               **{k: v for k, v in obj.items() if k not in {'apiVersion', 'kind', 'metadata'}}}
         for field in ('resourceVersion', 'deletionTimestamp', 'deletionGracePeriodSeconds'):
             meta.pop(field, None)
+        self._drop_empty_metadata(meta)
         meta.update(uid=str(uuid.uuid4()), creationTimestamp=now_rfc3339(), generation=1)
         if 'status' in info.subresources:
             obj.pop('status', None)  # as the API server does: status comes via /status only
@@ -674,6 +802,13 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         if resource == CRDS:
             self._register_crd(result)
         return result
+
+    @staticmethod
+    def _drop_empty_metadata(meta: dict[str, Any]) -> None:
+        # ObjectMeta's maps and lists are `omitempty` in Go: an empty one is never served.
+        for field in ('labels', 'annotations', 'finalizers', 'ownerReferences', 'managedFields'):
+            if field in meta and not meta[field]:
+                del meta[field]
 
     def _apply_kind_defaults(self, resource: kmock.resource, obj: dict[str, Any]) -> None:
         if resource == kmock.resource('', 'v1', 'secrets'):
@@ -714,6 +849,9 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
                                              'the object has been modified; please apply your changes '
                                              'to the latest version and try again',
                             name=name, group=resource.group, kind=resource.plural)
+        if new['metadata'].get('uid') not in (None, old['metadata']['uid']):
+            raise api_error(409, 'Conflict', f'Precondition failed: UID in precondition: '
+                                             f'{new["metadata"]["uid"]}, UID in object meta: {old["metadata"]["uid"]}')
         if subresource == 'status':
             new = {**copy.deepcopy(old), 'status': new.get('status')}
             if new['status'] is None:
@@ -736,8 +874,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
             if added:
                 raise api_error(422, 'Invalid', f'Forbidden: no new finalizers can be added if the object '
                                                 f'is being deleted, found new finalizers {sorted(added)}')
-        if not meta.get('finalizers'):
-            meta.pop('finalizers', None)
+        self._drop_empty_metadata(meta)
         if new == old:
             return old  # a no-op write: no new resourceVersion, no watch event
         if {k: v for k, v in new.items() if k not in {'metadata', 'status'}} != \
@@ -907,6 +1044,12 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         as_table = 'as=Table' in request.headers.get('Accept', '')
         dry_run = bool(params.get('dryRun'))
         body = request.data if isinstance(request.data, (dict, list)) else None
+        content_type = request.headers.get('Content-Type', '')
+        if 'protobuf' in content_type:
+            try:
+                body = decode_protobuf(request.body)
+            except (ValueError, IndexError) as e:
+                raise api_error(415, 'UnsupportedMediaType', f'{e}; the emulator reads JSON (use kubectl create -f)')
         if body is None and request.text.strip() and 'yaml' in request.headers.get('Content-Type', ''):
             body = yaml.safe_load(request.text)
 
@@ -1003,9 +1146,9 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         initial = since in {'', '0'} or params.get('sendInitialEvents') == 'true'
         position = len(self._changes)
         if not initial:
-            position = next((i for i, c in enumerate(self._changes) if c.revision > int(since)), len(self._changes))
-        initial_objs = [o for o in self.objects_of(resource, namespace) if matches(self._from_view(resource, o))] \
-            if initial else []
+            since_revision = int(since) if since.isdigit() else self._revision
+            position = next((i for i, c in enumerate(self._changes) if c.revision > since_revision), position)
+        initial_objs = [obj for obj in self.objects_of(resource, namespace) if matches(obj)] if initial else []
         initial_revision = self._revision
         timeout = float(params['timeoutSeconds']) if params.get('timeoutSeconds') else None
         deadline = None if timeout is None else asyncio.get_running_loop().time() + timeout
@@ -1023,11 +1166,13 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
                 position += 1
                 if change.resource != storage:
                     continue
-                was, now = matches(change.old), change.type != 'DELETED' and matches(change.new)
+                old = self._to_view(resource, change.old) if change.old is not None else None
+                new = self._to_view(resource, change.new)
+                was, now = matches(old), change.type != 'DELETED' and matches(new)
                 type_ = ('ADDED' if now and not was else 'DELETED' if was and not now else
                          change.type if now else None)
                 if type_ is not None:
-                    yield line(type_, self._to_view(resource, change.new))
+                    yield line(type_, new)
             remaining = None if deadline is None else deadline - asyncio.get_running_loop().time()
             if remaining is not None and remaining <= 0:
                 return
@@ -1036,6 +1181,11 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
                 await asyncio.wait_for(changed.wait(), timeout=remaining)
             except TimeoutError:
                 return
+
+    @property
+    def objects(self) -> kmock.ObjectsArray:
+        """kmock's view of the store: ``objects['v1/pods', 'default', 'p'].history`` (on the loop only)."""
+        return self._objects
 
     def close(self) -> None:
         """End all watch streams (on shutdown)."""
@@ -1053,7 +1203,9 @@ class EmulatedCluster:
 
     ``url``, ``kubeconfig`` (a file for kubectl, Kopf and the kubernetes client), and thread-safe
     helpers that read and write the store directly (no HTTP): ``get``, ``list``, ``create``,
-    ``patch``, ``delete``, ``events_for``. ``request`` makes a raw HTTP call to the API.
+    ``patch``, ``delete``, ``history``, ``events_for``; ``requests`` (what was served) and
+    ``request`` (a raw HTTP call). Resources are named as kubectl names them: ``'pods'``,
+    ``'hpo'``, ``'v1/secrets'``, ``'hpo.strata.dev/v1alpha1/hpostudies'``.
     """
 
     def __init__(self, workdir: Path, *, token: str = 'emulator-token') -> None:
@@ -1084,7 +1236,7 @@ class EmulatedCluster:
 
     async def _start(self) -> int:
         await self.handler.__aenter__()
-        server = aiohttp.web.Server(self.handler, handler_cancellation=True)
+        server = aiohttp.web.Server(self.handler, handler_cancellation=True, access_log=None)
         self._runner = aiohttp.web.ServerRunner(server, shutdown_timeout=1.0)
         await self._runner.setup()
         site = aiohttp.web.TCPSite(self._runner, '127.0.0.1', 0)
@@ -1162,6 +1314,17 @@ class EmulatedCluster:
         res = self.resolve(resource)
         return self._call(self.handler.delete, res, self._namespace(res, namespace), name, propagation=propagation)
 
+    def history(self, resource: str | kmock.resource, name: str, namespace: str | None = 'default') -> list[dict[str, Any] | None]:
+        """Every stored version of an object, oldest first (``None`` where it was deleted)."""
+        res = self.resolve(resource)
+        key = (self.handler._storage(res), self._namespace(res, namespace), name)
+
+        def versions() -> list[dict[str, Any] | None]:
+            if key not in self.handler.objects:
+                return []
+            return [None if v is None else copy.deepcopy(v.raw) for v in self.handler.objects[key].history]
+        return self._call(versions)
+
     def events_for(self, obj: Mapping[str, Any]) -> list[dict[str, Any]]:
         """Core v1 Events whose involvedObject is this object (whichever API posted them)."""
         meta = obj['metadata']
@@ -1169,7 +1332,7 @@ class EmulatedCluster:
 
     @property
     def requests(self) -> list[kmock.Request]:
-        return list(self.handler.requests)
+        return list(self.handler)  # kmock: a handler iterates over the requests it served
 
     @property
     def internal_errors(self) -> list[str]:
@@ -1180,7 +1343,7 @@ class EmulatedCluster:
     def request(self, method: str, path: str, body: Any = None, *,
                 content_type: str = 'application/json', accept: str = 'application/json',
                 timeout: float = 10) -> tuple[int, Any]:
-        """A raw HTTP call: ``(status, parsed JSON body or text)``."""
+        """A raw HTTP call: ``(status, parsed JSON body, a list of events for watches, or text)``."""
         data = None if body is None else json.dumps(body).encode()
         req = urllib.request.Request(self.url + path, data=data, method=method, headers={
             'Content-Type': content_type, 'Accept': accept, 'Authorization': f'Bearer {self.token}'})
@@ -1192,7 +1355,8 @@ class EmulatedCluster:
         if 'json' not in ctype:
             return status, raw.decode()
         text = raw.decode()
-        if '\n' in text.strip():  # a watch stream: one event per line
+        query = urllib.parse.parse_qs(urllib.parse.urlsplit(path).query)
+        if status == 200 and query.get('watch', [''])[0] in {'true', '1'}:  # a stream: one event per line
             return status, [json.loads(line) for line in text.splitlines() if line.strip()]
         return status, json.loads(text) if text.strip() else None
 
@@ -1209,22 +1373,3 @@ class EmulatedCluster:
         """A ``kubernetes.client.ApiClient`` configured from the kubeconfig (close it when done)."""
         import kubernetes
         return kubernetes.config.new_client_from_config(config_file=str(self.kubeconfig))
-
-
-def wait_until(condition: Callable[[], Any], *, timeout: float = 10, interval: float = 0.05,
-               message: str | Callable[[], str] = 'the condition') -> Any:
-    """Poll until ``condition()`` is truthy and return its value; fail after ``timeout`` seconds."""
-    import time
-    deadline = time.monotonic() + timeout
-    while True:
-        value = condition()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            text = message() if callable(message) else message
-            raise AssertionError(f'Timed out after {timeout}s waiting for {text}')
-        time.sleep(interval)
-
-
-def load_manifests(text: str) -> Iterable[dict[str, Any]]:
-    return [doc for doc in yaml.safe_load_all(text) if doc]
