@@ -34,6 +34,7 @@ class StudySnapshot:
     seconds_saved: float = 0.0
     registry_load_failures: int = 0
     durations: list[float] = field(default_factory=list)  # train seconds of finished trials
+    max_trials: int | None = None
     registry_objects: int | None = None
     registry_bytes: int | None = None
 
@@ -95,6 +96,7 @@ class _SnapshotCollector:
         trials = CounterMetricFamily("strata_trials", "Finished trials by final state.", labels=labels + ["state"])
         current = GaugeMetricFamily("strata_trials_current", "Trials now running or waiting.", labels=labels + ["state"])
         best = GaugeMetricFamily("strata_best_objective_value", "Best objective value of the study.", labels=labels)
+        max_trials = GaugeMetricFamily("strata_trials_max", "Trials the study runs (spec.trials.max).", labels=labels)
         reused_trials = CounterMetricFamily("strata_reused_trials", "Finished trials that reused layers.", labels=labels)
         reused_layers = CounterMetricFamily("strata_reused_layers", "Conv layers reused by finished trials.", labels=labels)
         saved = CounterMetricFamily("strata_training_seconds_saved", "Estimated training seconds saved by reuse.", labels=labels)
@@ -116,6 +118,8 @@ class _SnapshotCollector:
             current.add_metric(key + ["waiting"], s.waiting)
             if s.best_value is not None:
                 best.add_metric(key, s.best_value)
+            if s.max_trials is not None:
+                max_trials.add_metric(key, s.max_trials)
             reused_trials.add_metric(key, s.reused_trials)
             reused_layers.add_metric(key, s.reused_layers)
             saved.add_metric(key, s.seconds_saved)
@@ -126,7 +130,7 @@ class _SnapshotCollector:
             duration.add_metric(key, _buckets(s.durations), sum_value=sum(s.durations))
         for p, n in counts.items():
             by_phase.add_metric([p], n)
-        yield from (by_phase, phase, trials, current, best, reused_trials, reused_layers, saved, load_failures,
+        yield from (by_phase, phase, trials, current, best, max_trials, reused_trials, reused_layers, saved, load_failures,
                     objects, size, duration)
 
 

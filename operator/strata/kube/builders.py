@@ -6,7 +6,7 @@ No Kubernetes API here: plain values in, plain dicts out, unit tested without a 
 from __future__ import annotations
 
 import datetime as dt
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from strata.scheduler import Outcome, Progress
@@ -29,6 +29,9 @@ class OperatorSettings:
     object_store_secret: str | None = None
     checkpoints: str | None = None  # e.g. s3://strata-layers
     s3_endpoint: str | None = None
+    # The cluster's GPU pool, for studies whose spec.trainer.gpu names none.
+    gpu_node_selector: dict[str, str] = field(default_factory=dict)
+    gpu_tolerations: tuple[Toleration, ...] = ()
 
 
 def optuna_study_name(namespace: str, name: str) -> str:
@@ -56,8 +59,10 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
     """One trainer pod for one asked trial: placement from the spec, credentials from Secrets."""
     trainer = spec.trainer
     gpu = trainer.gpu.wants(params)
-    node_selector = {**trainer.node_selector, **(trainer.gpu.node_selector if gpu else {})}
-    tolerations = [_toleration(t) for t in trainer.tolerations + (trainer.gpu.tolerations if gpu else [])]
+    gpu_selector = (trainer.gpu.node_selector or settings.gpu_node_selector) if gpu else {}
+    gpu_tolerations = list(trainer.gpu.tolerations or settings.gpu_tolerations) if gpu else []
+    node_selector = {**trainer.node_selector, **gpu_selector}
+    tolerations = [_toleration(t) for t in list(trainer.tolerations) + gpu_tolerations]
     resources = {"requests": dict(trainer.resources.requests), "limits": dict(trainer.resources.limits)}
     if gpu:
         resources["limits"]["nvidia.com/gpu"] = str(trainer.gpu.count)
@@ -109,6 +114,8 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
         pod_spec["tolerations"] = tolerations
     if trainer.service_account_name:
         pod_spec["serviceAccountName"] = trainer.service_account_name
+    else:
+        pod_spec["automountServiceAccountToken"] = False  # trainers never call the Kubernetes API
     if spec.trials.timeout_seconds:
         pod_spec["activeDeadlineSeconds"] = spec.trials.timeout_seconds + 60  # the operator stops it first
     return {

@@ -27,6 +27,7 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")
     settings.posting.level = logging.INFO
+    settings.scanning.disabled = True  # the CRD is installed first (Helm crds/); no CRD watch RBAC needed
     settings.watching.server_timeout = 60
     metrics = StrataMetrics()
     port = int(os.environ.get("STRATA_METRICS_PORT", "9090"))

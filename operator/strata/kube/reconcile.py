@@ -25,7 +25,7 @@ from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
-from strata.spec import SecretKeyRef, SpecError, StudySpec, parse_spec, spec_to_json
+from strata.spec import SecretKeyRef, SpecError, StudySpec, Toleration, parse_spec, spec_to_json
 from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
@@ -50,8 +50,11 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         name, _, key = value.partition("/")
         return SecretKeyRef(name=name, key=key or "url")
 
+    gpu_tolerations = [Toleration.model_validate(t) for t in json.loads(env.get("STRATA_GPU_TOLERATIONS") or "[]")]
     return builders.OperatorSettings(
         trainer_image=env.get("STRATA_TRAINER_IMAGE", builders.OperatorSettings.trainer_image),
+        gpu_node_selector=json.loads(env.get("STRATA_GPU_NODE_SELECTOR") or "{}"),
+        gpu_tolerations=tuple(gpu_tolerations),
         database_secret=ref(env.get("STRATA_DATABASE_SECRET")),
         object_store_secret=env.get("STRATA_OBJECT_STORE_SECRET") or None,
         checkpoints=env.get("STRATA_CHECKPOINTS") or None,
@@ -197,6 +200,16 @@ class StudyService:
             raise SecretMissing("no Optuna storage: set spec.storage.databaseSecret or the operator's database")
         return url
 
+    def _check_pod_secrets(self, namespace: str, spec: StudySpec) -> None:
+        """Trainer pods read Secrets in their own namespace: fail clearly here, not as stuck pods."""
+        database = spec.storage.database_secret or self.settings.database_secret
+        if database is not None:
+            self.api.read_secret_key(namespace, database.name, database.key)
+        store = spec.storage.object_store_secret or self.settings.object_store_secret
+        if store and (spec.storage.checkpoints or self.settings.checkpoints or "").startswith("s3://"):
+            self.api.read_secret_key(namespace, store, "accessKey")
+            self.api.read_secret_key(namespace, store, "secretKey")
+
     def _registry_for(self, namespace: str, spec: StudySpec) -> LayerRegistry | None:
         location = spec.storage.checkpoints or self.settings.checkpoints
         if not location or not spec.reuse.enabled:
@@ -266,6 +279,7 @@ class StudyService:
         snapshot.running, snapshot.waiting = progress.running, progress.waiting
         snapshot.best_value = progress.best.value if progress.best else None
         snapshot.reused_trials, snapshot.reused_layers = progress.reused_trials, progress.reused_layers
+        snapshot.max_trials = (result.status.get("trials") or {}).get("max")
         snapshot.seconds_saved = progress.seconds_saved
         for trial in runtime.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.PRUNED)):
             if ATTR_TRAIN_SECONDS in trial.user_attrs:
@@ -292,6 +306,10 @@ class StudyService:
             return self._invalid(status, "SecretNotFound", str(error), generation)
         except StorageError as error:
             return self._invalid(status, "StorageUnreachable", str(error), generation)
+        try:
+            self._check_pod_secrets(namespace, spec)
+        except SecretMissing as error:
+            return self._invalid(status, "SecretNotFound", str(error), generation)
         events: list[Event] = []
         scheduler = runtime.scheduler
         executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study, events)
