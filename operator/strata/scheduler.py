@@ -8,7 +8,8 @@ Reuse-aware policy (the paper's future work, made concrete):
   runs now. If a running trial (or a pending shallower one) will publish that prefix, it waits.
 - If nobody will, and the budget allows, the scheduler enqueues the donor configuration (the same
   parameters with n-1 conv layers) and defers the trial until the donor has published: the donor
-  is trained in full (the paper: donors must be trained well) and is a useful trial in itself.
+  is trained in full (the paper: donors must be trained well) and is a useful trial in itself. A
+  donor that has no donor either gets one the same way: a 3-layer proposal starts a 1-2-3 chain.
 - Grid search runs smaller depths first, so every deeper configuration finds its donor.
 - Retries: a trial whose worker died (crash, OOM, eviction, lost pod) is failed in Optuna and
   re-run as a new trial with the same parameters, up to `retries` times; a failure the trainer

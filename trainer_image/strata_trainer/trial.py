@@ -65,7 +65,9 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
             if donor is None:
                 break
             try:
-                return ReusedPrefix(k, donor, prefix_from_bytes(registry.load_weights(donor)))
+                state = prefix_from_bytes(registry.load_weights(donor))
+                check_prefix_shapes(state, arch, k)
+                return ReusedPrefix(k, donor, state)
             except (CorruptCheckpoint, ObjectNotFound, ValueError, RuntimeError) as error:
                 # torch refuses anything but tensors (weights_only) and we refuse a wrong sha256
                 log.warning("layer registry: refusing %s (%s); trying another donor", donor.entry, error)
@@ -76,6 +78,17 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
                 failures.append(str(error))
                 return None
     return None
+
+
+def check_prefix_shapes(state: dict[str, torch.Tensor], arch: CNNArchitecture, k: int) -> None:
+    """A donor must fit exactly: block i holds conv weight (out, in, k, k) and bias (out,)."""
+    expected = {}
+    for i, layer in enumerate(arch.conv[:k]):
+        expected[f"{i}.0.weight"] = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
+        expected[f"{i}.0.bias"] = (layer.out_channels,)
+    actual = {name: tuple(tensor.shape) for name, tensor in state.items()}
+    if actual != expected:
+        raise ValueError(f"prefix tensors {actual} do not fit {expected}")
 
 
 def open_registry(spec: StudySpec, checkpoints: str | None) -> LayerRegistry | None:
@@ -122,6 +135,10 @@ def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints:
     try:
         return _train_and_tell(study, spec, trial, frozen.params, checkpoints)
     except Exception as error:  # a failed trial is recorded, never left RUNNING and never crashes the study
+        state = storage.get_trial(trial_id).state
+        if state.is_finished():  # a duplicate worker (a re-delivered pod) told it first: its result stands
+            log.warning("trial %d was finished (%s) by another worker meanwhile: %s", trial_number, state.name, error)
+            return STATE_EXIT[state]
         log.exception("trial %d failed", trial_number)
         reason = f"{type(error).__name__}: {error}"[:500]
         storage.set_trial_user_attr(trial_id, ATTR_FAIL_REASON, reason)
