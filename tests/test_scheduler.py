@@ -461,6 +461,24 @@ def test_a_repeated_configuration_gets_the_earlier_result_without_training(simul
     assert 1 not in sim.active
 
 
+def test_a_configuration_proposed_while_it_is_still_training_waits_and_gets_that_result(simulate):
+    sim = simulate(study_spec(trials={"max": 3, "parallel": 2}))
+    one_layer = with_depth(DEEP, 1)
+    sim.sampler_proposes(one_layer)
+    sim.sampler_proposes(one_layer)
+    plan = sim.plan()
+
+    assert plan.launch == [0]
+    assert "repeats trial 0" in plan.waiting[1]
+    sim.complete(0, value=0.37)
+    sim.plan()
+
+    repeat = sim.trial(1)
+    assert (repeat.state, repeat.value) == (TrialState.COMPLETE, 0.37)
+    assert repeat.user_attrs[ATTR_DUPLICATE_OF] == 0
+    assert 1 not in sim.active
+
+
 # --- restarts --------------------------------------------------------------------------------------
 
 

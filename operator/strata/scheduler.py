@@ -215,6 +215,8 @@ class TrialScheduler:
         pending = sorted((t for t in trials if t.state == TrialState.RUNNING and t.number not in active),
                          key=lambda t: t.number)
         for t in pending:
+            if self._tell_if_duplicate(t, trials):
+                continue
             if len(plan.launch) >= free_slots:
                 plan.waiting[t.number] = "no free slot"
                 continue
@@ -330,7 +332,13 @@ class TrialScheduler:
         return found
 
     def _wait_reason(self, t: FrozenTrial, trials: list[FrozenTrial], active: set[int]) -> str | None:
-        """Why t should not start yet: a trial that will publish its (n-1)-layer prefix is under way."""
+        """Why t should not start yet: the same configuration is under way (it gets that result), or
+        a trial that will publish its (n-1)-layer prefix is."""
+        if ATTR_RETRY_OF not in t.user_attrs:
+            key = _params_key(t.params)
+            for u in trials:
+                if u.number < t.number and u.state == TrialState.RUNNING and _params_key(u.params) == key:
+                    return f"repeats trial {u.number}, which is under way"
         n = depth_of(t.params)
         if n <= 1 or not self._reuse_aware():
             return None
