@@ -269,3 +269,67 @@ def object_store(store_location: str) -> "ObjectStore":
     from strata.objectstore import open_object_store
 
     return open_object_store(store_location)
+
+
+# --- Prometheus (Debian package), scraping targets on loopback -----------------------------------------
+
+
+class PrometheusServer:
+    """A real Prometheus with a scrape config written by the test; queried over its HTTP API."""
+
+    def __init__(self, directory: Path, targets: list[str], scrape_interval: str = "1s"):
+        self.directory = directory
+        directory.mkdir(parents=True, exist_ok=True)
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        config = directory / "prometheus.yml"
+        config.write_text(
+            "global: {scrape_interval: %s, evaluation_interval: %s}\n"
+            "scrape_configs:\n"
+            "  - job_name: strata\n"
+            "    honor_labels: true\n"
+            "    static_configs: [{targets: [%s]}]\n"
+            % (scrape_interval, scrape_interval, ", ".join(f"'{t}'" for t in targets)))
+        binary = shutil.which("prometheus") or "/usr/bin/prometheus"
+        if not Path(binary).exists():
+            pytest.fail("prometheus is not installed: apt-get install -y --no-install-recommends prometheus "
+                        "(scripts/setup.sh does this)")
+        self._log = open(directory / "prometheus.log", "wb")
+        self.process = subprocess.Popen(
+            [binary, f"--config.file={config}", f"--storage.tsdb.path={directory / 'data'}",
+             f"--web.listen-address=127.0.0.1:{self.port}"],
+            stdout=self._log, stderr=subprocess.STDOUT)
+        wait_for(lambda: self._ready(), timeout=30, message="Prometheus to be ready")
+
+    def _ready(self) -> bool:
+        import urllib.request
+
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def query(self, expr: str) -> list[dict]:
+        import json
+        import urllib.parse
+        import urllib.request
+
+        with urllib.request.urlopen(f"{self.url}/api/v1/query?" + urllib.parse.urlencode({"query": expr}),
+                                    timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]["result"]
+
+    def scrapes(self) -> int:
+        """Successful scrapes so far (samples of `up` == 1 in the last 10 minutes)."""
+        result = self.query('count_over_time(up{job="strata"}[10m])')
+        return int(float(result[0]["value"][1])) if result else 0
+
+    def stop(self) -> None:
+        self.process.terminate()
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+        self._log.close()

@@ -64,6 +64,10 @@ class StrataMetrics:
     def forget(self, namespace: str, study: str) -> None:
         with self._lock:
             self._studies.pop((namespace, study), None)
+        try:
+            self.reconcile_errors.remove(namespace, study)
+        except KeyError:
+            pass
 
     def snapshots(self) -> dict[tuple[str, str], StudySnapshot]:
         with self._lock:
@@ -72,10 +76,11 @@ class StrataMetrics:
     @contextmanager
     def reconcile(self, namespace: str, study: str) -> Iterator[None]:
         started = time.perf_counter()
+        errors = self.reconcile_errors.labels(namespace, study)  # exported as 0 before any error
         try:
             yield
         except Exception:
-            self.reconcile_errors.labels(namespace, study).inc()
+            errors.inc()
             raise
         finally:
             self.reconcile_seconds.observe(time.perf_counter() - started)
