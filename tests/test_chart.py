@@ -360,12 +360,10 @@ KOPF_NEEDS = {
     (API_GROUP, "hpostudies", "list"), (API_GROUP, "hpostudies", "watch"), (API_GROUP, "hpostudies", "patch"),
     (API_GROUP, "hpostudies/status", "patch"), ("", "events", "create"),
 }
-# --all-namespaces: Kopf watches CRDs to notice resources that appear later (ClusterRole only).
-KOPF_CLUSTER_NEEDS = {("apiextensions.k8s.io", "customresourcedefinitions", "list"),
-                      ("apiextensions.k8s.io", "customresourcedefinitions", "watch")}
+# The operator disables Kopf's scanning (settings.scanning.disabled): no CRD watch, in either scope.
+KOPF_CLUSTER_NEEDS: set[tuple[str, str, str]] = set()
 # Reads that add nothing to list (a list returns every object) but that kubectl-style clients expect.
-HARMLESS_READS = {(API_GROUP, "hpostudies", "get"), (API_GROUP, "hpostudies/status", "get"),
-                  ("apiextensions.k8s.io", "customresourcedefinitions", "get")}
+HARMLESS_READS = {(API_GROUP, "hpostudies", "get"), (API_GROUP, "hpostudies/status", "get")}
 ALLOWED = OPERATOR_CALLS | KOPF_NEEDS | KOPF_CLUSTER_NEEDS | HARMLESS_READS
 
 
@@ -394,10 +392,7 @@ def test_rbac_grants_what_the_operator_uses_and_nothing_more(scope: str) -> None
     assert not any("*" in part for rule in rules for part in rule)
     assert ("", "secrets", "list") not in rules and ("", "secrets", "watch") not in rules
     assert not any(resource.startswith("pods/") for _, resource, _ in rules)  # no exec, attach, portforward
-    if scope == "cluster":
-        assert KOPF_CLUSTER_NEEDS <= rules
-    else:
-        assert not any(group == "apiextensions.k8s.io" for group, _, _ in rules)
+    assert not any(group == "apiextensions.k8s.io" for group, _, _ in rules)
 
 
 def test_cluster_scope_binds_a_cluster_role_to_the_operator_service_account() -> None:
