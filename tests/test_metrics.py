@@ -33,21 +33,23 @@ def test_a_study_snapshot_becomes_counters_gauges_and_a_histogram():
     metrics = StrataMetrics()
     metrics.update("team-a", "fashion", snapshot())
     s = samples(metrics)
-    key = (("namespace", "team-a"), ("study", "fashion"))
-    assert s[("strata_trials_total", key + (("state", "complete"),))] == 5
-    assert s[("strata_trials_total", key + (("state", "failed"),))] == 1
-    assert s[("strata_trials_current", key + (("state", "running"),))] == 2
-    assert s[("strata_best_objective_value", key)] == 0.41
-    assert s[("strata_trials_max", key)] == 20
-    assert s[("strata_reused_trials_total", key)] == 4
-    assert s[("strata_training_seconds_saved_total", key)] == 12.5
-    assert s[("strata_registry_bytes", key)] == 4096
-    assert s[("strata_registry_load_failures_total", key)] == 1
-    assert s[("strata_trial_duration_seconds_count", key)] == 3
-    assert s[("strata_trial_duration_seconds_bucket", (("le", "10.0"),) + key)] == 2
-    assert s[("strata_study_phase", (("namespace", "team-a"), ("phase", "Running"), ("study", "fashion")))] == 1
-    assert s[("strata_studies", (("phase", "Running"),))] == 1
 
+    def at(name: str, **labels: str) -> float:
+        return s[(name, tuple(sorted({"namespace": "team-a", "study": "fashion", **labels}.items())))]
+
+    assert at("strata_trials_total", state="complete") == 5
+    assert at("strata_trials_total", state="failed") == 1
+    assert at("strata_trials_current", state="running") == 2
+    assert at("strata_best_objective_value") == 0.41
+    assert at("strata_trials_max") == 20
+    assert at("strata_reused_trials_total") == 4
+    assert at("strata_training_seconds_saved_total") == 12.5
+    assert at("strata_registry_bytes") == 4096
+    assert at("strata_registry_load_failures_total") == 1
+    assert at("strata_trial_duration_seconds_count") == 3
+    assert at("strata_trial_duration_seconds_bucket", le="10.0") == 2
+    assert at("strata_study_phase", phase="Running") == 1
+    assert s[("strata_studies", (("phase", "Running"),))] == 1
 
 def test_labels_are_bounded_never_a_trial_number():
     metrics = StrataMetrics()
