@@ -1,0 +1,1 @@
+"""Benchmarks: `python bench/reuse_benchmark.py` reproduces Castro et al.'s layer-reuse experiment."""
