@@ -13,24 +13,52 @@ from typing import Any
 
 import yaml
 
-from strata.spec import API_GROUP, API_VERSION, FIELD_DOCS, KIND, StudySpec
+from strata.spec import API_GROUP, API_VERSION, FIELD_DOCS, KNOWN_PARAMETERS, KIND, StudySpec
 
 PLURAL, SINGULAR, SHORT = "hpostudies", "hpostudy", ["hpo"]
 
+# low, high and step are CEL doubles: literals are written as doubles and integrality as
+# x == double(int(x)), since CEL's type checker may refuse mixed int/double comparisons.
 PARAMETER_RULES = [
     {"rule": "self.type != 'categorical' || has(self.choices)", "message": "a categorical parameter needs choices"},
     {"rule": "self.type == 'categorical' || (has(self.low) && has(self.high))",
      "message": "int and float parameters need low and high"},
+    {"rule": "self.type == 'categorical' || !has(self.choices)", "message": "only categorical parameters take choices"},
+    {"rule": "self.type != 'categorical' || (!has(self.low) && !has(self.high) && !has(self.step) && !has(self.log))",
+     "message": "categorical parameters take no low, high, step or log"},
     {"rule": "!has(self.low) || !has(self.high) || self.low <= self.high", "message": "low must not exceed high"},
-    {"rule": "!has(self.log) || !self.log || !has(self.low) || self.low > 0", "message": "log scale needs low > 0"},
-    {"rule": "self.type != 'int' || ((!has(self.low) || self.low == int(self.low)) && (!has(self.high) || self.high == int(self.high)))",
+    {"rule": "!has(self.log) || !self.log || !has(self.low) || self.low > 0.0", "message": "log scale needs low > 0"},
+    {"rule": "!has(self.log) || !self.log || !has(self.step) || (self.type == 'int' && self.step == 1.0)",
+     "message": "log scale cannot be combined with step"},
+    {"rule": "self.type != 'int' || ((!has(self.low) || self.low == double(int(self.low))) && "
+             "(!has(self.high) || self.high == double(int(self.high))))",
      "message": "int parameters need integer low and high"},
+    {"rule": "!has(self.step) || self.step > 0.0", "message": "step must be positive"},
+    {"rule": "self.type != 'int' || !has(self.step) || self.step == double(int(self.step))",
+     "message": "int parameters need an integer step"},
 ]
+SEARCH_SPACE_RULES = [
+    {"rule": "self.all(k, k in [" + ", ".join(f"'{name}'" for name in KNOWN_PARAMETERS) + "])",
+     "message": "unknown parameter (known: " + ", ".join(KNOWN_PARAMETERS) + ")"},
+    {"rule": "!('fcLayout' in self) || !('fcLayers' in self || 'fcUnits' in self)",
+     "message": "use either fcLayout or fcLayers/fcUnits, not both"},
+]
+# Where one manifest name means different things (FIELD_DOCS is keyed by the name alone).
+CONTEXT_DOCS = {
+    ("tolerations", "key"): "Taint key the toleration matches; empty with operator Exists matches every taint.",
+    ("databaseSecret", "name"): "Name of the Secret, in the study's namespace.",
+    ("sampler", "name"): "Sampler: tpe, random, grid, cmaes, gp or qmc.",
+    ("pruner", "name"): "Pruner: none, median, successiveHalving or hyperband.",
+    ("dataset", "name"): "Dataset: fashion-mnist, mnist or cifar10.",
+    ("pruner", "startupTrials"): "Trials that finish before the pruner starts pruning.",
+    ("sampler", "startupTrials"): "Random trials before the sampler starts modelling (tpe, gp).",
+}
 
 
 def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any:
+    """name: the nearest property name above this node (array items and map values keep it)."""
     if isinstance(node, list):
-        return [_structural(n, defs) for n in node]
+        return [_structural(n, defs, name) for n in node]
     if not isinstance(node, dict):
         return node
     node = copy.deepcopy(node)
@@ -43,7 +71,7 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
         variants = node.pop("anyOf")
         options = [o for o in variants if o.get("type") != "null"]
         if len(options) == 1:
-            node = {**_structural(options[0], defs), **node}
+            node = {**_structural(options[0], defs, name), **node}
             if len(options) < len(variants):
                 node["nullable"] = True
         else:  # a union of scalars (categorical choices): any JSON value
@@ -59,18 +87,20 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
     if node.get("additionalProperties") is False:
         node.pop("additionalProperties")
     if isinstance(node.get("additionalProperties"), dict):
-        node["additionalProperties"] = _structural(node["additionalProperties"], defs)
+        node["additionalProperties"] = _structural(node["additionalProperties"], defs, name)
     if "items" in node:
-        node["items"] = _structural(node["items"], defs)
+        node["items"] = _structural(node["items"], defs, name)
     if "properties" in node:
-        node["properties"] = {k: _described(_structural(v, defs, k), k) for k, v in node["properties"].items()}
+        node["properties"] = {k: _described(_structural(v, defs, k), k, name) for k, v in node["properties"].items()}
     if node.get("default") is None:
         node.pop("default", None)
     return node
 
 
-def _described(node: dict[str, Any], name: str) -> dict[str, Any]:
-    if name in FIELD_DOCS:
+def _described(node: dict[str, Any], name: str, parent: str | None) -> dict[str, Any]:
+    if (parent, name) in CONTEXT_DOCS:
+        node["description"] = CONTEXT_DOCS[parent, name]
+    elif name in FIELD_DOCS:
         node["description"] = FIELD_DOCS[name]
     return node
 
@@ -85,6 +115,9 @@ def _merged_parameter(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, A
                 continue
             if key in ("low", "high", "step"):
                 value = {"type": "number", "nullable": True, "description": FIELD_DOCS[key]}
+            # No defaults: the API server would add them to every variant (log: false on a
+            # categorical parameter, which the model refuses); the model defaults per type.
+            value = {k: v for k, v in value.items() if k != "default"}
             properties.setdefault(key, value)
     properties["type"] = {"type": "string", "enum": ["int", "float", "categorical"], "description": FIELD_DOCS["type"]}
     properties["choices"] = {"type": "array", "minItems": 1, "description": FIELD_DOCS["choices"],
@@ -96,8 +129,13 @@ def _merged_parameter(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, A
 def spec_schema() -> dict[str, Any]:
     schema = StudySpec.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
+    for field in ("requests", "limits"):  # quantities: `cpu: 1` and `cpu: "1"` alike
+        defs["Resources"]["properties"][field]["additionalProperties"] = {"x-kubernetes-int-or-string": True}
     result = _structural(schema, defs)
     result["description"] = "Desired state of a hyperparameter study over the paper's CNN family."
+    search_space = result["properties"]["searchSpace"]
+    search_space["maxProperties"] = len(KNOWN_PARAMETERS)  # bounds the CEL cost of iterating it
+    search_space["x-kubernetes-validations"] = SEARCH_SPACE_RULES
     trials = result["properties"]["trials"]
     trials["x-kubernetes-validations"] = [
         {"rule": "!has(self.parallel) || self.parallel <= self.max", "message": "parallel must not exceed max"}]
@@ -127,10 +165,15 @@ STATUS_SCHEMA: dict[str, Any] = {
         "conditions": {"type": "array", "description": "Ready, Running, Complete and Failed conditions.",
                        "items": {"type": "object", "x-kubernetes-preserve-unknown-fields": True,
                                  "required": ["type", "status"],
-                                 "properties": {"type": {"type": "string"}, "status": {"type": "string"},
-                                                "reason": {"type": "string"}, "message": {"type": "string"},
-                                                "lastTransitionTime": {"type": "string", "format": "date-time"},
-                                                "observedGeneration": {"type": "integer", "nullable": True}}}},
+                                 "properties": {
+                                     "type": {"type": "string", "description": "Ready, Running, Complete or Failed."},
+                                     "status": {"type": "string", "description": "True, False or Unknown."},
+                                     "reason": {"type": "string", "description": "Why, in one CamelCase word."},
+                                     "message": {"type": "string", "description": "Why, for people."},
+                                     "lastTransitionTime": {"type": "string", "format": "date-time",
+                                                            "description": "When status last changed."},
+                                     "observedGeneration": {"type": "integer", "nullable": True,
+                                                            "description": "The spec generation it reflects."}}}},
     },
 }
 
@@ -163,7 +206,9 @@ def build_crd() -> dict[str, Any]:
                     "description": "A hyperparameter optimisation study whose trials reuse trained conv layers.",
                     "required": ["spec"],
                     "properties": {
-                        "apiVersion": {"type": "string"}, "kind": {"type": "string"}, "metadata": {"type": "object"},
+                        "apiVersion": {"type": "string", "description": "hpo.strata.dev/v1alpha1."},
+                        "kind": {"type": "string", "description": "HPOStudy."},
+                        "metadata": {"type": "object", "description": "Standard object metadata."},
                         "spec": spec_schema(),
                         "status": STATUS_SCHEMA,
                     },

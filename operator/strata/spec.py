@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "hpo.strata.dev"
@@ -220,9 +220,19 @@ class Toleration(_Model):
     toleration_seconds: int | None = None
 
 
+def _quantity(value: Any) -> Any:
+    """Kubernetes quantities are int-or-string (`cpu: 1` and `cpu: "1"` alike); keep them as strings."""
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        return str(value)
+    return value
+
+
+Quantity = Annotated[str, BeforeValidator(_quantity)]
+
+
 class Resources(_Model):
-    requests: dict[str, str] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
-    limits: dict[str, str] = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+    requests: dict[str, Quantity] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+    limits: dict[str, Quantity] = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
 
 
 class GpuPlacement(_Model):

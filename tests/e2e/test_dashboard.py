@@ -6,7 +6,7 @@ import pytest
 
 from tests.dashboard_queries import PROMETHEUS_VARIABLES, load_dashboard_queries
 from tests.e2e.conftest import OperatorProcess
-from tests.e2e.test_operator_e2e import apply, study_manifest, wait_for_phase
+from tests.e2e.studies import apply, study_manifest, wait_for_phase
 from tests.k8s.kubelet import LocalKubelet
 from tests.services import PrometheusServer, free_port, wait_for
 

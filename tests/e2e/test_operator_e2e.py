@@ -2,67 +2,101 @@
 
 from __future__ import annotations
 
-import json
+import re
 
+import optuna
 import pytest
-import yaml
+from optuna.trial import TrialState
 
+from tests.e2e.studies import (
+    apply, assert_exactly, events, optuna_trials, study_manifest, trial_pods, wait_for_phase,
+)
 from tests.k8s.kubelet import LocalKubelet
-from tests.services import wait_for
 
 pytestmark = pytest.mark.e2e
 
 
-def study_manifest(name: str, bucket: str, *, max_trials: int = 4, parallel: int = 2, **spec_overrides) -> dict:
-    spec = {
-        "searchSpace": {
-            "convLayers": {"type": "int", "low": 1, "high": 2},
-            "filters": {"type": "categorical", "choices": [8]},
-            "fcLayout": {"type": "categorical", "choices": ["32", "64"]},
-            "learningRate": {"type": "categorical", "choices": [0.003]},
-            "batchSize": {"type": "categorical", "choices": [32]},
-        },
-        "sampler": {"name": "random", "seed": 1},
-        "trials": {"max": max_trials, "parallel": parallel, "maxFailed": 2, "retries": 1},
-        "training": {"inputSize": 16, "subsetSize": 300, "epochs": 2, "epochsWhenReusing": 1},
-        "storage": {"databaseSecret": {"name": "strata-db", "key": "url"}, "checkpoints": bucket,
-                    "objectStoreSecret": "strata-s3"},
-        "trainer": {"resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1", "memory": "2Gi"}}},
-    }
-    spec.update(spec_overrides)
-    return {"apiVersion": "hpo.strata.dev/v1alpha1", "kind": "HPOStudy", "metadata": {"name": name, "namespace": "default"},
-            "spec": spec}
+def reused_weights_match_their_donors(storage_url: str, study_name: str, location: str) -> int:
+    """For every trial that reused k frozen layers: the first k layers it published are the donor's,
+    tensor for tensor, read back from the S3 layer registry. Returns how many trials were checked."""
+    import torch
+
+    from strata.architecture import architecture_from_params
+    from strata.objectstore import open_object_store
+    from strata.registry import LayerRegistry
+    from strata.study import load_study
+    from strata_trainer.checkpoints import prefix_from_bytes
+
+    study, spec = load_study(study_name, storage_url)
+    registry = LayerRegistry(open_object_store(location))
+
+    def published(trial_number: int, signature) -> dict[str, torch.Tensor]:
+        [entry] = [d for d in registry.donors(signature) if d.study == study_name and d.trial_number == trial_number]
+        return prefix_from_bytes(registry.load_weights(entry))
+
+    checked = 0
+    for trial in study.get_trials(states=(TrialState.COMPLETE,)):
+        k = int(trial.user_attrs.get("reused_layers") or 0)
+        if not k:
+            continue
+        arch = architecture_from_params(spec, trial.params)
+        donor = published(int(trial.user_attrs["donor_trial"]), arch.prefix_signature(k))
+        own = published(trial.number, arch.prefix_signature(k + 1))
+        assert set(donor) and set(donor) < set(own)
+        for name, tensor in donor.items():
+            assert torch.equal(own[name], tensor), f"trial {trial.number}: {name} differs from its donor's"
+        checked += 1
+    return checked
 
 
-def apply(kubectl, manifest: dict) -> None:
-    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(manifest))
-
-
-def study_status(k8s_api, name: str) -> dict:
-    obj = k8s_api.get("hpostudies", name) or {}
-    return obj.get("status") or {}
-
-
-def wait_for_phase(k8s_api, operator, name: str, phase: str, timeout: float = 240) -> dict:
-    try:
-        return wait_for(lambda: (s := study_status(k8s_api, name)).get("phase") == phase and s,
-                        timeout=timeout, interval=0.5, message=f"{name} to reach {phase}")
-    except TimeoutError as error:
-        raise AssertionError(f"{error}; status {study_status(k8s_api, name)}\noperator log:\n{operator.output()[-4000:]}")
-
-
-def test_a_study_runs_to_exactly_max_trials_with_reuse_and_kubectl_shows_it(
-        k8s_api, kubectl, cluster_env, operator, s3_bucket, tmp_path):
-    with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env, max_running=2):
+def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubectl_shows_it(
+        k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path):
+    with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env, max_running=2) as kubelet:
         apply(kubectl, study_manifest("fashion", s3_bucket, max_trials=4))
         status = wait_for_phase(k8s_api, operator, "fashion", "Succeeded")
-    assert status["trials"]["finished"] == 4
-    assert status["trials"]["complete"] + status["trials"]["pruned"] == 4
+    assert kubelet.peak_running <= 2
+    assert status["trials"]["finished"] == 4 and status["completed"] == "4/4"
+    assert status["trials"]["complete"] == 4 and status["trials"]["running"] == 0
     assert status["best"]["value"] > 0
     assert status["reuse"]["trials"] >= 1
-    table = kubectl("get", "hpostudies").stdout
-    assert "PHASE" in table and "Succeeded" in table and "4/4" in table
+    trials = optuna_trials(postgres_url, "fashion")
+    assert_exactly(trials, 4)
+    best = min((t for t in trials if t.state == TrialState.COMPLETE), key=lambda t: t.value)
+    assert status["best"]["number"] == best.number and status["best"]["value"] == pytest.approx(best.value)
+
+    # the reused layers are the donor's weights, byte for byte through the registry
+    assert reused_weights_match_their_donors(postgres_url, "default.fashion", s3_bucket) == status["reuse"]["trials"]
+
+    # kubectl get: the printer columns
+    header, row = kubectl("get", "hpostudies").stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "COMPLETED", "RUNNING", "BEST", "REUSED", "AGE"]
+    name, phase, completed, running, best_value, reused, _age = row.split()
+    assert (name, phase, completed, running) == ("fashion", "Succeeded", "4/4", "0")
+    assert float(best_value) == pytest.approx(status["best"]["value"], rel=1e-3)
+    assert int(reused) == status["reuse"]["trials"]
+    assert kubectl("get", "hpo", "fashion", "-o", "name").stdout.strip() == "hpostudy.hpo.strata.dev/fashion"
+
+    # kubectl describe: conditions and the trials' events
     describe = kubectl("describe", "hpostudy", "fashion").stdout
-    assert "TrialStarted" in describe and "TrialFinished" in describe
-    pods = k8s_api.list("pods", "default")
-    assert {p["metadata"]["labels"]["hpo.strata.dev/trial"] for p in pods} >= {"0", "1", "2", "3"}
+    assert "Conditions:" in describe
+    for type_, value in (("Ready", "True"), ("Complete", "True"), ("Running", "False"), ("Failed", "False")):
+        assert re.search(rf"Status:\s+{value}\s+Type:\s+{type_}\b", describe), f"{type_}={value}:\n{describe}"
+    assert "TrialStarted" in describe and "TrialFinished" in describe and "StudySucceeded" in describe
+    assert len(events(k8s_api, "fashion", "TrialStarted")) == 4
+    assert len(events(k8s_api, "fashion", "TrialFinished")) == 4
+    assert len(events(k8s_api, "fashion", "StudySucceeded")) == 1
+    assert not events(k8s_api, "fashion", type_="Warning")
+
+    # kubectl delete: the finalizer removes the trainer pods, the Optuna study stays (keepOnDelete)
+    pods = {p["metadata"]["name"] for p in trial_pods(k8s_api, "fashion")}
+    assert len(pods) == 4
+    assert "hpo.strata.dev/finalizer" in k8s_api.get("hpostudies", "fashion")["metadata"]["finalizers"]
+    kubectl("delete", "hpostudy", "fashion", timeout=60)
+    assert k8s_api.get("hpostudies", "fashion") is None
+    assert trial_pods(k8s_api, "fashion") == []
+    deleted_by_operator = {r.name for r in k8s_api.requests if r.method == "DELETE" and r.resource
+                           and r.resource.plural == "pods"}
+    assert pods <= deleted_by_operator  # not left to garbage collection
+    kept = optuna.load_study(study_name="default.fashion", storage=postgres_url)
+    assert len(kept.trials) == len(trials)
+    assert "Traceback" not in operator.output(), operator.output()[-6000:]

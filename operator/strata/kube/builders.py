@@ -54,6 +54,11 @@ def trainer_args(optuna_name: str, number: int) -> list[str]:
     return ["--study", optuna_name, "--trial", str(number)]
 
 
+def trainer_database(spec: StudySpec, settings: OperatorSettings) -> SecretKeyRef | str | None:
+    """Where trainer pods find the Optuna storage: the same precedence as the operator's own."""
+    return spec.storage.database_secret or spec.storage.optuna_url or settings.database_secret
+
+
 def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params: dict[str, Any],
                     spec: StudySpec, settings: OperatorSettings) -> dict[str, Any]:
     """One trainer pod for one asked trial: placement from the spec, credentials from Secrets."""
@@ -67,9 +72,11 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
     if gpu:
         resources["limits"]["nvidia.com/gpu"] = str(trainer.gpu.count)
     env: list[dict[str, Any]] = []
-    database = spec.storage.database_secret or settings.database_secret
-    if database is not None:
+    database = trainer_database(spec, settings)
+    if isinstance(database, SecretKeyRef):
         env.append({"name": "STRATA_STORAGE_URL", "valueFrom": {"secretKeyRef": {"name": database.name, "key": database.key}}})
+    elif database:  # spec.storage.optunaUrl carries no credentials (those go in databaseSecret)
+        env.append({"name": "STRATA_STORAGE_URL", "value": database})
     checkpoints = spec.storage.checkpoints or settings.checkpoints
     if checkpoints:
         env.append({"name": "STRATA_CHECKPOINTS", "value": checkpoints})
@@ -86,6 +93,7 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
         # Threads and the feature cache follow the pod's limits, not the node's size.
         {"name": "STRATA_CPU_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.cpu", "divisor": "1"}}},
         {"name": "STRATA_MEMORY_LIMIT", "valueFrom": {"resourceFieldRef": {"resource": "limits.memory", "divisor": "1"}}},
+        {"name": "OMP_WAIT_POLICY", "value": "PASSIVE"},  # no spinning threads burning the CPU quota
         {"name": "STRATA_SPILL_DIR", "value": "/tmp"},
         {"name": "STRATA_DATA_CACHE", "value": "/tmp/datasets"},
         {"name": "HOME", "value": "/tmp"},

@@ -186,15 +186,30 @@ class StudyService:
 
     # --- spec and connections ------------------------------------------------------------------
 
+    def _secret(self, namespace: str, name: str, key: str, named_by: str) -> str:
+        """A Secret's value; a missing one names the field (or operator setting) that asked for it."""
+        try:
+            return self.api.read_secret_key(namespace, name, key)
+        except SecretMissing as error:
+            raise SecretMissing(f"{named_by}: {error}") from None
+
+    @staticmethod
+    def _database_secret_field(spec: StudySpec) -> str:
+        return "spec.storage.databaseSecret" if spec.storage.database_secret else "operator's STRATA_DATABASE_SECRET"
+
+    @staticmethod
+    def _store_secret_field(spec: StudySpec) -> str:
+        return "spec.storage.objectStoreSecret" if spec.storage.object_store_secret else "operator's STRATA_OBJECT_STORE_SECRET"
+
     def _database_url_for(self, namespace: str, spec: StudySpec) -> str:
         if spec.storage.database_secret:
             ref = spec.storage.database_secret
-            return self.api.read_secret_key(namespace, ref.name, ref.key)
+            return self._secret(namespace, ref.name, ref.key, self._database_secret_field(spec))
         if spec.storage.optuna_url:
             return spec.storage.optuna_url
         if self.settings.database_secret and not self._database_url():
             ref = self.settings.database_secret
-            return self.api.read_secret_key(namespace, ref.name, ref.key)
+            return self._secret(namespace, ref.name, ref.key, self._database_secret_field(spec))
         url = self._database_url()
         if not url:
             raise SecretMissing("no Optuna storage: set spec.storage.databaseSecret or the operator's database")
@@ -202,13 +217,16 @@ class StudyService:
 
     def _check_pod_secrets(self, namespace: str, spec: StudySpec) -> None:
         """Trainer pods read Secrets in their own namespace: fail clearly here, not as stuck pods."""
-        database = spec.storage.database_secret or self.settings.database_secret
-        if database is not None:
-            self.api.read_secret_key(namespace, database.name, database.key)
+        database = builders.trainer_database(spec, self.settings)
+        if database is None:
+            raise SecretMissing("spec.storage.databaseSecret: trainer pods need the Optuna URL from a Secret; "
+                                "set it, or the operator's STRATA_DATABASE_SECRET")
+        if isinstance(database, SecretKeyRef):
+            self._secret(namespace, database.name, database.key, self._database_secret_field(spec))
         store = spec.storage.object_store_secret or self.settings.object_store_secret
         if store and (spec.storage.checkpoints or self.settings.checkpoints or "").startswith("s3://"):
-            self.api.read_secret_key(namespace, store, "accessKey")
-            self.api.read_secret_key(namespace, store, "secretKey")
+            self._secret(namespace, store, "accessKey", self._store_secret_field(spec))
+            self._secret(namespace, store, "secretKey", self._store_secret_field(spec))
 
     def _registry_for(self, namespace: str, spec: StudySpec) -> LayerRegistry | None:
         location = spec.storage.checkpoints or self.settings.checkpoints
@@ -218,8 +236,8 @@ class StudyService:
         secret = spec.storage.object_store_secret or self.settings.object_store_secret
         if secret and location.startswith("s3://"):
             try:
-                credentials = (self.api.read_secret_key(namespace, secret, "accessKey"),
-                               self.api.read_secret_key(namespace, secret, "secretKey"))
+                credentials = (self._secret(namespace, secret, "accessKey", self._store_secret_field(spec)),
+                               self._secret(namespace, secret, "secretKey", self._store_secret_field(spec)))
             except SecretMissing:
                 if spec.storage.object_store_secret:
                     raise

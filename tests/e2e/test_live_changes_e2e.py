@@ -1,0 +1,57 @@
+"""Spec changes apply to a running study: suspend and resume, and more trials for a finished one."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+
+from tests.e2e.studies import (
+    apply, assert_exactly, condition, events, optuna_trials, patch_spec, study_manifest, trial_pods, wait_for_phase,
+    wait_for_status,
+)
+from tests.k8s.kubelet import LocalKubelet
+from tests.services import wait_for
+
+pytestmark = pytest.mark.e2e
+
+
+def pod_names(k8s_api) -> set[str]:
+    return {p["metadata"]["name"] for p in trial_pods(k8s_api, "live")}
+
+
+def test_suspend_stops_new_pods_resume_continues_and_raising_max_extends_a_finished_study(
+        k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path):
+    trials = {"max": 2, "parallel": 1, "maxFailed": 1, "retries": 0}
+    with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env) as kubelet:
+        apply(kubectl, study_manifest("live", s3_bucket, trials=trials))
+        wait_for(lambda: kubelet.running, timeout=30, message="the first trainer to run")
+
+        patch_spec(kubectl, "live", {"suspend": True})
+        status = wait_for_phase(k8s_api, operator, "live", "Suspended", timeout=30)
+        assert condition(status, "Running")["status"] == "False"
+        suspended_pods = pod_names(k8s_api)
+        # the running trial finishes; nothing new starts, however many reconciles pass
+        wait_for(lambda: not kubelet.running, timeout=60, message="the running trainer to finish")
+        time.sleep(4)
+        assert pod_names(k8s_api) == suspended_pods
+        status = wait_for_status(k8s_api, operator, "live", lambda s: s["trials"]["running"] == 0, "no trial running")
+        assert status["phase"] == "Suspended" and status["trials"]["finished"] == len(suspended_pods)
+
+        patch_spec(kubectl, "live", {"suspend": False})
+        status = wait_for_status(k8s_api, operator, "live",
+                                 lambda s: s.get("phase") == "Succeeded" and s["observedGeneration"] >= 3,
+                                 "Succeeded after resuming")
+        assert status["completed"] == "2/2"
+        assert suspended_pods < pod_names(k8s_api)
+
+        # a finished study given a higher max continues to it
+        patch_spec(kubectl, "live", {"trials": {**trials, "max": 3}})
+        status = wait_for_status(k8s_api, operator, "live",
+                                 lambda s: s.get("phase") == "Succeeded" and s["trials"]["max"] == 3,
+                                 "Succeeded with max 3")
+    assert status["completed"] == "3/3" and status["trials"]["complete"] == 3
+    assert len(pod_names(k8s_api)) == 3
+    assert_exactly(optuna_trials(postgres_url, "live"), 3)
+    assert len(events(k8s_api, "live", "TrialStarted")) == 3
+    assert len(events(k8s_api, "live", "StudySucceeded")) == 2  # once per time it finished
