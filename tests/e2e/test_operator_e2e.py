@@ -12,6 +12,7 @@ from tests.e2e.studies import (
     apply, assert_exactly, events, optuna_trials, study_manifest, trial_pods, wait_for_phase,
 )
 from tests.k8s.kubelet import LocalKubelet
+from tests.services import wait_for
 
 pytestmark = pytest.mark.e2e
 
@@ -91,8 +92,10 @@ def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubec
     pods = {p["metadata"]["name"] for p in trial_pods(k8s_api, "fashion")}
     assert len(pods) == 4
     assert "hpo.strata.dev/finalizer" in k8s_api.get("hpostudies", "fashion")["metadata"]["finalizers"]
-    kubectl("delete", "hpostudy", "fashion", timeout=60)
-    assert k8s_api.get("hpostudies", "fashion") is None
+    # --wait=false: kubectl's own wait races the emulator's watch replay under load; poll the API instead
+    assert "deleted" in kubectl("delete", "hpostudy", "fashion", "--wait=false").stdout
+    wait_for(lambda: k8s_api.get("hpostudies", "fashion") is None, timeout=60, interval=0.2,
+             message="the finalizer to let the study go")
     assert trial_pods(k8s_api, "fashion") == []
     deleted_by_operator = {r.name for r in k8s_api.requests if r.method == "DELETE" and r.resource
                            and r.resource.plural == "pods"}
