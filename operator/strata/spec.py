@@ -15,7 +15,7 @@ from __future__ import annotations
 import itertools
 import re
 from pathlib import Path
-from typing import Annotated, Any, Literal, Union
+from typing import Annotated, Any, Literal, Optional, Union
 
 import yaml
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
@@ -47,7 +47,25 @@ class SpecError(ValueError):
 
 
 class _Model(BaseModel):
-    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True)
+    # Strict: "8" is not an int and "yes" not a bool, as for the API server's schema validation.
+    model_config = ConfigDict(alias_generator=to_camel, populate_by_name=True, extra="forbid", frozen=True,
+                              strict=True)
+
+    @model_validator(mode="before")
+    @classmethod
+    def _whole_numbers(cls, data: Any) -> Any:
+        """An integer field takes 8.0 as 8, as the API server does for JSON numbers."""
+        if not isinstance(data, dict):
+            return data
+        converted = dict(data)
+        for name, field in cls.model_fields.items():
+            if field.annotation not in (int, Optional[int]):
+                continue
+            for key in {name, field.alias}:
+                value = converted.get(key)
+                if isinstance(value, float) and value.is_integer():
+                    converted[key] = int(value)
+        return converted
 
 
 # --- search space -----------------------------------------------------------------------------

@@ -33,7 +33,7 @@ class OperatorProcess:
 
     def start(self) -> "OperatorProcess":
         handle = open(self.log, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "strata.kube"], env=self.env, stdout=handle,
+        self.proc = subprocess.Popen([sys.executable, "-m", "strata.kube", "--verbose"], env=self.env, stdout=handle,
                                      stderr=subprocess.STDOUT, start_new_session=True)
         return self
 

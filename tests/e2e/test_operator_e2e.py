@@ -94,8 +94,14 @@ def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubec
     assert "hpo.strata.dev/finalizer" in k8s_api.get("hpostudies", "fashion")["metadata"]["finalizers"]
     # --wait=false: kubectl's own wait races the emulator's watch replay under load; poll the API instead
     assert "deleted" in kubectl("delete", "hpostudy", "fashion", "--wait=false").stdout
-    wait_for(lambda: k8s_api.get("hpostudies", "fashion") is None, timeout=60, interval=0.2,
-             message="the finalizer to let the study go")
+    try:
+        wait_for(lambda: k8s_api.get("hpostudies", "fashion") is None, timeout=60, interval=0.2,
+                 message="the finalizer to let the study go")
+    except TimeoutError:
+        left = (k8s_api.get("hpostudies", "fashion") or {}).get("metadata")
+        trail = [line for line in operator.output().splitlines()
+                 if "inaliz" in line or "atch" in line or "elet" in line][-40:]
+        pytest.fail(f"the study was not removed; metadata {left}; operator:\n" + "\n".join(trail))
     assert trial_pods(k8s_api, "fashion") == []
     deleted_by_operator = {r.name for r in k8s_api.requests if r.method == "DELETE" and r.resource
                            and r.resource.plural == "pods"}
