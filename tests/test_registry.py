@@ -275,3 +275,35 @@ def test_a_crash_while_republishing_a_trial_keeps_the_committed_donor_loadable(o
         publish(LayerRegistry(CrashBeforeMeta(object_store)), sig, 3, 0.4, weights=b"second attempt")
 
     assert registry.load_weights(registry.best_donor(sig)) == b"first attempt"
+
+
+class CountingReads:
+    """The store, counting the objects read (GET) by key."""
+
+    def __init__(self, store):
+        self.store, self.reads = store, []
+
+    def __getattr__(self, name):
+        return getattr(self.store, name)
+
+    def get_bytes(self, key: str) -> bytes:
+        self.reads.append(key)
+        return self.store.get_bytes(key)
+
+
+def test_repeated_lookups_read_each_donors_metadata_once_and_still_see_new_and_removed_donors(object_store):
+    reader, writer, sig = LayerRegistry(CountingReads(object_store)), LayerRegistry(object_store), signature()
+    for trial, loss in [(0, 0.61), (1, 0.42)]:
+        publish(writer, sig, trial, loss)
+
+    for _ in range(5):
+        assert reader.best_donor(sig).trial_number == 1
+    assert len(reader.store.reads) == 2  # one meta.json each, not one per lookup
+
+    publish(writer, sig, 2, 0.30)  # another trainer's newer donor is seen at the next lookup
+    assert reader.best_donor(sig).trial_number == 2
+    assert len(reader.store.reads) == 3
+
+    best = reader.best_donor(sig)
+    object_store.delete(f"{best.entry}/meta.json")  # an operator cleaning the bucket
+    assert reader.best_donor(sig).trial_number == 1

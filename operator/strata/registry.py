@@ -53,6 +53,9 @@ class DonorMeta:
 class LayerRegistry:
     def __init__(self, store: ObjectStore):
         self.store = store
+        # Committed entries are immutable (the name carries the weights' sha256), so each meta.json is read
+        # once per process: a lookup costs one LIST of its signature, not one GET per donor.
+        self._metas: dict[tuple[str, int], DonorMeta] = {}
 
     def publish(self, signature: PrefixSignature, weights: bytes, *, study: str, trial_number: int,
                 val_loss: float, epochs: int) -> DonorMeta:
@@ -73,10 +76,17 @@ class LayerRegistry:
         for info in self.store.list(f"{ROOT}/{signature.key}/"):
             if not info.key.endswith("/meta.json"):
                 continue
+            cached = self._metas.get((info.key, info.size))
+            if cached is not None:
+                donors.append(cached)
+                continue
             try:
-                donors.append(DonorMeta(**json.loads(self.store.get_bytes(info.key))))
+                meta = DonorMeta(**json.loads(self.store.get_bytes(info.key)))
             except (ObjectNotFound, ValueError, TypeError) as error:
                 log.warning("skipping unreadable donor metadata %s: %s", info.key, error)
+                continue
+            self._metas[(info.key, info.size)] = meta
+            donors.append(meta)
         return donors
 
     def best_donor(self, signature: PrefixSignature, min_epochs: int = 1,
