@@ -25,6 +25,7 @@ from strata.registry import LayerRegistry
 from strata.spec import StudySpec
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import DatasetSplits
+from strata_trainer.features import SharedFeatureStore
 from strata_trainer.model import CNN
 from strata_trainer.training import TrainResult, train
 from strata_trainer.trial import find_reusable_prefix, publish_prefixes
@@ -42,6 +43,7 @@ class TrainingSetup:
     seed: int  # model init (torch.manual_seed) and minibatch order, identical for every arm
     memory_limit: int | None
     spill_dir: str
+    shared_features: SharedFeatureStore | None = None  # the strata arm's machine-wide frozen outputs
 
 
 @dataclass
@@ -59,6 +61,7 @@ class ArmRun:
     reused_layers: int = 0
     donor: str | None = None
     feature_cache: str = "off"
+    shared_features: str = ""  # strata: hit when another configuration's run computed the same frozen outputs
     donor_seconds: float = 0.0  # registry lookup + weights load (strata); checkpoint load (paper)
     cache_seconds: float = 0.0  # computing the frozen prefix's outputs once
     epoch_seconds: float = 0.0  # the epochs: training steps and validation
@@ -78,6 +81,7 @@ def _fill(run: ArmRun, result: TrainResult) -> None:
     run.epochs_run = len(result.epochs)
     run.val_loss_per_epoch = [round(r.val_loss, 5) for r in result.epochs]
     run.feature_cache, run.stopped_early = result.feature_cache, result.stopped_early
+    run.shared_features = result.shared_features
     run.epoch_seconds = sum(r.seconds for r in result.epochs)
     # train_seconds runs from before the cache to the last epoch: what is not epochs is the cache.
     run.cache_seconds = max(0.0, result.train_seconds - run.epoch_seconds)
@@ -93,7 +97,7 @@ def _train(run: ArmRun, model: CNN, setup: TrainingSetup, *, frozen: int, epochs
     try:
         result = train(model, setup.data, frozen_layers=frozen, epochs=epochs, patience=patience, seed=setup.seed,
                        device=setup.device, cache_features=cache, memory_limit=setup.memory_limit,
-                       spill_dir=setup.spill_dir)
+                       spill_dir=setup.spill_dir, shared_features=setup.shared_features if cache else None)
     except FloatingPointError as error:  # a diverging configuration fails, as its trial would
         run.failed = str(error)
         return None

@@ -46,6 +46,7 @@ def summarise_arm(runs: list[dict[str, Any]]) -> dict[str, Any]:
         "best_config": best["label"] if best else None,
         "best_params": best["config"] if best else None,
         "reused": sum(1 for r in runs if r["reused_layers"]),
+        "shared_feature_hits": sum(1 for r in runs if r.get("shared_features") == "hit"),
         "epochs_run": int(sum(epochs)),
         "stopped_early": sum(1 for r in runs if r["stopped_early"]),
         "seconds_per_epoch": float(sum(r["epoch_seconds"] for r in runs) / max(1, sum(epochs))),
@@ -182,15 +183,16 @@ def results_table(arms: dict[str, Any]) -> str:
 
 def breakdown_table(arms: dict[str, Any]) -> str:
     rows = ["| arm (multi-layer configs) | total (s) | donor lookup + load | feature cache | epochs | publish | other "
-            "| epochs run | s per epoch | stopped early | reused |",
-            "|" + "---|" * 11]
+            "| epochs run | s per epoch | stopped early | reused | frozen outputs read, not computed |",
+            "|" + "---|" * 12]
     for arm in ARMS:
         m = arms[arm]["multi_layer"]
         b = m["breakdown_seconds"]
         rows.append(
             f"| {arm} | {m['total_seconds']:.1f} | {b['donor_lookup_and_load']:.1f} | {b['feature_cache']:.1f} "
             f"| {b['epochs']:.1f} | {b['publish']:.1f} | {b['other']:.1f} | {m['epochs_run']} "
-            f"| {m['seconds_per_epoch']:.3f} | {m['stopped_early']} | {m['reused']}/{m['configs']} |"
+            f"| {m['seconds_per_epoch']:.3f} | {m['stopped_early']} | {m['reused']}/{m['configs']} "
+            f"| {m.get('shared_feature_hits', 0)}/{m['configs']} |"
         )
     return "\n".join(rows)
 

@@ -26,7 +26,7 @@ import shlex
 import sys
 import tempfile
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -52,6 +52,7 @@ from strata.study import (  # noqa: E402
     ATTR_DONOR_FOR, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, create_or_load_study,
 )
 from strata_trainer.data import load_dataset  # noqa: E402
+from strata_trainer.features import SharedFeatureStore  # noqa: E402
 from strata_trainer.resources import memory_limit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -298,12 +299,13 @@ def run_tpe(spec: StudySpec, setup: TrainingSetup, workdir: Path, seeds: int, tr
             "reuse": TpeSearch("reuse", tpe_spec(spec, seed, trials, reuse=True),
                                LayerRegistry(LocalFolderStore(workdir / f"registry-tpe-{seed}"))),
         }
+        seed_setup = replace(setup, shared_features=SharedFeatureStore(workdir / f"features-tpe-{seed}"))
         order = ["no-reuse", "reuse"] if seed % 2 == 0 else ["reuse", "no-reuse"]
         # Alternate trial by trial, so noise on this machine hits both searches alike.
         while not all(s.done for s in searches.values()):
             for name in order:
                 if not searches[name].done:
-                    searches[name].step(setup)
+                    searches[name].step(seed_setup)
         arms = {name: s.summary() for name, s in searches.items()}
         target = arms["no-reuse"]["best_val_loss"]
         results.append({
@@ -348,7 +350,10 @@ def main(argv: list[str] | None = None) -> int:
         warm_up(spec, setup)
         with tempfile.TemporaryDirectory(prefix="strata-bench-") as workdir:
             grid_started = time.perf_counter()
-            runs, scheduling_seconds = run_grid(spec, setup, Path(workdir) / "registry-grid", args.out / "runs.jsonl")
+            # Each search starts with an empty machine-wide feature folder, as a new study on a new machine would.
+            grid_setup = replace(setup, shared_features=SharedFeatureStore(Path(workdir) / "features-grid"))
+            runs, scheduling_seconds = run_grid(spec, grid_setup, Path(workdir) / "registry-grid",
+                                                args.out / "runs.jsonl")
             grid_seconds = time.perf_counter() - grid_started
             records = [r.to_json() for r in runs]
             arms = report.summarise(records)

@@ -108,3 +108,15 @@ def test_quartiles_ignore_failed_runs():
     stats = quartiles([1.0, None, 2.0, float("nan"), 3.0])
     assert (stats["q1"], stats["median"], stats["q3"]) == (1.5, 2.0, 2.5)
     assert quartiles([None])["median"] is None
+
+
+def test_strata_configurations_on_the_same_donor_share_its_frozen_outputs(quick_results):
+    runs = [json.loads(line) for line in (quick_results / "runs.jsonl").read_text().splitlines()]
+    reusing = [r for r in runs if r["arm"] == "strata" and r["reused_layers"]]
+
+    assert {r["shared_features"] for r in reusing} <= {"stored", "hit"}
+    assert any(r["shared_features"] == "hit" for r in reusing), reusing
+    assert all(r["shared_features"] == "" for r in runs if r["arm"] != "strata")
+    result = json.loads((quick_results / "results.json").read_text())
+    hits = sum(1 for r in reusing if r["shared_features"] == "hit")
+    assert result["arms"]["strata"]["multi_layer"]["shared_feature_hits"] == hits

@@ -180,6 +180,9 @@ def test_deeper_trials_reuse_the_layers_of_shallower_ones(finished_study):
         assert 1 <= trial["reused_layers"] < trial["params"]["convLayers"]
         assert donor["params"]["convLayers"] >= trial["reused_layers"]
         assert trial["epochs_run"] == 1 and trial["train_seconds"] > 0
+        # the frozen outputs went to (or came from) the machine's shared folder next to the study
+        assert (trial["feature_cache"], trial["shared_features"]) in {("float32", "stored"), ("float32", "hit")}
+    assert list((finished_study["directory"] / "tiny.features").glob("*.npy"))
     assert finished_study["report"]["summary"]["reused_layers"] == sum(t["reused_layers"] for t in reusing)
 
 

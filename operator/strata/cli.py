@@ -109,7 +109,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     cores = os.cpu_count() or 1
     parallel = spec.trials.parallel
     log_dir = Path(args.logs or Path(args.study_file).resolve().parent / f"{name}.logs")
-    executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, max(1, cores // parallel))
+    # Trials on this machine share their frozen-prefix outputs (trainer: strata_trainer.features).
+    features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or str(Path(args.study_file).resolve().parent / f"{name}.features")
+    executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, max(1, cores // parallel),
+                                    env={"STRATA_FEATURE_CACHE_DIR": features})
     display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
@@ -166,7 +169,10 @@ class ProgressDisplay:
 
 
 def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
-    from strata.study import ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS
+    from strata.study import (
+        ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
+        ATTR_TRAIN_SECONDS,
+    )
 
     progress = scheduler.progress()
     trials = []
@@ -178,6 +184,7 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "train_seconds": t.user_attrs.get(ATTR_TRAIN_SECONDS),
             "epochs_run": t.user_attrs.get(ATTR_EPOCHS_RUN),
             "feature_cache": t.user_attrs.get(ATTR_FEATURE_CACHE),
+            "shared_features": t.user_attrs.get(ATTR_SHARED_FEATURES),
         })
     best = progress.best
     return {

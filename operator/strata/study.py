@@ -28,6 +28,7 @@ ATTR_DONOR_TRIAL = "donor_trial"
 ATTR_DONOR_STUDY = "donor_study"
 ATTR_EPOCHS_RUN = "epochs_run"
 ATTR_FEATURE_CACHE = "feature_cache"
+ATTR_SHARED_FEATURES = "shared_features"  # hit: the frozen outputs came from an earlier trial on this machine
 ATTR_SECONDS_SAVED = "seconds_saved_estimate"
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_REGISTRY_LOAD_FAILURES = "registry_load_failures"

@@ -21,6 +21,7 @@ import torch
 from torch import nn
 
 from strata_trainer.data import DatasetSplits, Split
+from strata_trainer.features import SharedFeatureStore, tensor_digest
 from strata_trainer.model import CNN
 
 log = logging.getLogger(__name__)
@@ -45,6 +46,7 @@ class TrainResult:
     feature_cache: str  # off | float32 | float16 | disk
     stopped_early: bool
     best_prefix_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
+    shared_features: str = ""  # "" (no shared store) | hit (read another trial's) | stored | private (store failed)
 
     @property
     def best(self) -> EpochResult:
@@ -52,25 +54,55 @@ class TrainResult:
 
 
 class FeatureCache:
-    """Frozen-prefix outputs for a split, in memory (float32 or float16) or in a disk memmap."""
+    """Frozen-prefix outputs for a split, in memory (float32 or float16) or in a disk memmap.
 
-    def __init__(self, model: CNN, k: int, split: Split, mode: str, device: torch.device, spill_dir: str | None):
+    With a shared store, a trial that reuses the same frozen weights on the same split as an earlier
+    one reads its outputs instead of computing them (`shared` is then "hit", else "stored").
+    """
+
+    def __init__(self, model: CNN, k: int, split: Split, mode: str, device: torch.device, spill_dir: str | None,
+                 shared: SharedFeatureStore | None = None, prefix_digest: str = ""):
         self.mode = mode
+        self.shared = ""
         shape = (len(split.y), *model.arch.feature_shape(k))
         dtype = torch.float16 if mode in ("float16", "disk") else torch.float32
+        np_dtype = np.dtype(np.float16 if dtype == torch.float16 else np.float32)
         self._file = None
-        if mode == "disk":
+        key = shared.key(prefix_digest, k, split.x, split.y, np_dtype.name) if shared is not None else ""
+        if shared is not None:
+            found = shared.load(key, shape, np_dtype, mmap=mode == "disk")
+            if found is not None:
+                self.shared = "hit"
+                self._keep(found)
+                return
+        target = shared.new_file(key, shape, np_dtype) if shared is not None else None
+        if target is not None:
+            array = target[0]
+        elif mode == "disk":
             self._file = tempfile.NamedTemporaryFile(dir=spill_dir, prefix="strata-features-", suffix=".f16")
-            self._array = np.memmap(self._file.name, dtype=np.float16, mode="w+", shape=shape)
+            array = np.memmap(self._file.name, dtype=np.float16, mode="w+", shape=shape)
         else:
-            self._tensor = torch.empty(shape, dtype=dtype)
-        with torch.no_grad():
-            for start in range(0, shape[0], EVAL_BATCH):
-                out = model.features(split.x[start:start + EVAL_BATCH].to(device), 0, k).cpu()
-                if mode == "disk":
-                    self._array[start:start + len(out)] = out.to(torch.float16).numpy()
-                else:
-                    self._tensor[start:start + len(out)] = out.to(dtype)
+            array = torch.empty(shape, dtype=dtype)
+        try:
+            with torch.no_grad():
+                for start in range(0, shape[0], EVAL_BATCH):
+                    out = model.features(split.x[start:start + EVAL_BATCH].to(device), 0, k).cpu().to(dtype)
+                    array[start:start + len(out)] = out if isinstance(array, torch.Tensor) else out.numpy()
+        except BaseException:
+            if target is not None:
+                shared.discard(target[1])
+            raise
+        if target is not None and shared.commit(key, target[0], target[1]):
+            self.shared = "stored"
+        self._keep(array)
+
+    def _keep(self, array: np.ndarray | torch.Tensor) -> None:
+        if self.mode == "disk":
+            self._array = array
+        elif isinstance(array, torch.Tensor):
+            self._tensor = array
+        else:
+            self._tensor = torch.from_numpy(np.array(array))  # into memory, off the file
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         if self.mode == "disk":
@@ -135,6 +167,7 @@ def train(
     memory_limit: int | None = None,
     spill_dir: str | None = None,
     report: Callable[[EpochResult], None] | None = None,
+    shared_features: SharedFeatureStore | None = None,
 ) -> TrainResult:
     """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial."""
     arch = model.arch
@@ -146,13 +179,22 @@ def train(
 
     started = time.perf_counter()
     mode = "off"
+    shared_outcome = ""
     start = 0
     train_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.train.x[index]
     val_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.val.x[index]
     if frozen_layers and cache_features:
         mode = choose_cache_mode(model, frozen_layers, len(data.train.y) + len(data.val.y), memory_limit)
-        train_cache = FeatureCache(model, frozen_layers, data.train, mode, device, spill_dir)
-        val_cache = FeatureCache(model, frozen_layers, data.val, mode, device, spill_dir)
+        digest = ""
+        if shared_features is not None:
+            state = model.prefix_state(frozen_layers)
+            digest = tensor_digest(*(state[name] for name in sorted(state)),
+                                   label=repr(arch.prefix_signature(frozen_layers)))
+        train_cache = FeatureCache(model, frozen_layers, data.train, mode, device, spill_dir, shared_features, digest)
+        val_cache = FeatureCache(model, frozen_layers, data.val, mode, device, spill_dir, shared_features, digest)
+        if shared_features is not None:
+            outcomes = {train_cache.shared, val_cache.shared}
+            shared_outcome = "hit" if outcomes == {"hit"} else ("private" if "" in outcomes else "stored")
         train_inputs, val_inputs, start = train_cache.take, val_cache.take, frozen_layers
 
     results: list[EpochResult] = []
@@ -187,4 +229,5 @@ def train(
         if patience and rising >= patience and epoch < epochs:
             stopped_early = True
             break
-    return TrainResult(results, best_epoch, time.perf_counter() - started, mode, stopped_early, best_state)
+    return TrainResult(results, best_epoch, time.perf_counter() - started, mode, stopped_early, best_state,
+                       shared_outcome)

@@ -17,10 +17,12 @@ from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
-    ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_TRAIN_SECONDS, load_study,
+    ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
+    load_study,
 )
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import load_dataset
+from strata_trainer.features import SharedFeatureStore
 from strata_trainer.model import CNN
 from strata_trainer.resources import configure_threads, memory_limit, pick_device
 from strata_trainer.training import EpochResult, train
@@ -188,7 +190,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         result = train(model, data, frozen_layers=frozen_layers, epochs=epochs,
                        patience=spec.training.early_stop_patience, seed=spec.training.seed, device=device,
                        cache_features=spec.reuse.cache_frozen_features, memory_limit=memory_limit(),
-                       spill_dir=spill_dir, report=report)
+                       spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env())
     except optuna.TrialPruned:
         attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
                       ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values)})
@@ -204,7 +206,8 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
             result.train_seconds), 3)
     attrs.update({
         ATTR_TRAIN_SECONDS: round(result.train_seconds, 3), ATTR_EPOCHS_RUN: len(result.epochs),
-        ATTR_FEATURE_CACHE: result.feature_cache, "val_loss": best.val_loss, "val_accuracy": best.val_accuracy,
+        ATTR_FEATURE_CACHE: result.feature_cache, ATTR_SHARED_FEATURES: result.shared_features or None,
+        "val_loss": best.val_loss, "val_accuracy": best.val_accuracy,
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "val_loss_per_epoch": [round(r.val_loss, 5) for r in result.epochs],
     })
