@@ -29,6 +29,7 @@ import yaml
 
 from strata.crd import PLURAL, build_crd
 from strata.spec import KNOWN_PARAMETERS, SpecError, parse_spec
+from tests.k8s.fixtures import k8s_api, kubectl  # noqa: F401  (kubectl explain against the emulator)
 from tests.test_spec import DELETE, VALID, manifest  # one valid manifest, changed in one place per case
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -460,6 +461,20 @@ def test_the_checked_in_crd_is_the_generators_output(capsys):
     assert (ROOT / "charts" / "strata" / "crds" / "hpostudy.yaml").read_text() == generated, \
         "the chart's CRD is stale: cp crds/hpostudy.yaml charts/strata/crds/hpostudy.yaml"
     assert yaml.safe_load(generated) == json.loads(json.dumps(CRD))
+
+
+def test_kubectl_explain_shows_each_fields_type_and_description(kubectl):
+    kubectl("apply", "-f", str(ROOT / "crds" / "hpostudy.yaml"))
+    trials = SCHEMA["properties"]["spec"]["properties"]["trials"]["properties"]
+
+    explained = kubectl("explain", "hpostudies.spec.trials").stdout
+    field = kubectl("explain", "hpo.spec.trials.parallel").stdout
+
+    assert re.search(r"GROUP:\s+hpo.strata.dev\nKIND:\s+HPOStudy\nVERSION:\s+v1alpha1", explained), explained
+    for name in ("max", "parallel", "maxFailed", "retries"):
+        assert re.search(rf"^  {name}\s+<integer>", explained, re.MULTILINE), explained
+    assert " ".join(trials["max"]["description"].split()) in " ".join(explained.split())
+    assert " ".join(trials["parallel"]["description"].split()) in " ".join(field.split())
 
 
 def test_kubectl_get_shows_phase_completed_running_best_reused_and_age():

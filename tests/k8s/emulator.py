@@ -35,7 +35,8 @@ so this module keeps the object store itself and plugs it in as kmock's fallback
 * core discovery says ``groupVersion: v1`` (kmock says ``/v1``, which makes kubectl map ``pods``
   to ``metrics.k8s.io``; that group is not loaded either), ``/version`` says v1.32;
 * a minimal ``/openapi/v3`` that tells kubectl the server validates fields itself, so
-  ``kubectl apply`` works without ``--validate=false`` (``kubectl explain`` still has no schemas);
+  ``kubectl apply`` works without ``--validate=false``, and publishes each CRD's schema, so
+  ``kubectl explain`` shows its fields and descriptions (built-in kinds have no schemas);
 * the protobuf bodies of ``kubectl create namespace|secret|configmap`` (kubectl cannot be told to
   send JSON there); other ``kubectl create <kind>`` generators get a 415: use ``create -f``.
 
@@ -556,6 +557,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
     _changed: asyncio.Event | None = attrs.field(default=None, init=False)
     _closing: bool = attrs.field(default=False, init=False)
     _printer_columns: dict[kmock.resource, list[dict[str, Any]]] = attrs.field(factory=dict, init=False)
+    _schemas: dict[kmock.resource, dict[str, Any]] = attrs.field(factory=dict, init=False)
     _crd_resources: dict[str, list[kmock.resource]] = attrs.field(factory=dict, init=False)
     _pending_propagation: dict[str, str] = attrs.field(factory=dict, init=False)
 
@@ -689,7 +691,7 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
         resources = [r for r in self.resources if _gv(r) == group_version]
         if not resources:
             raise api_error(404, 'NotFound', 'the server could not find the requested resource')
-        paths = {}
+        paths, schemas = {}, {}
         for resource in resources:
             info = self.resources[resource]
             prefix = f'/{path}/namespaces/{{namespace}}' if info.namespaced else f'/{path}'
@@ -699,8 +701,11 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
                 'parameters': [{'name': 'fieldValidation', 'in': 'query', 'schema': {'type': 'string'}}],
                 'responses': {'200': {'description': 'OK'}},
             }}
+            if resource in self._schemas:  # a CRD's schema, as the API server publishes it: kubectl explain
+                name = '.'.join([*reversed(resource.group.split('.')), resource.version, info.kind])
+                schemas[name] = {**self._schemas[resource], 'x-kubernetes-group-version-kind': [gvk]}
         return {'openapi': '3.0.0', 'info': {'title': 'Kubernetes API emulator', 'version': 'v1.32.0'},
-                'paths': paths, 'components': {'schemas': {}}}
+                'paths': paths, 'components': {'schemas': schemas}}
 
     # --- the store ---------------------------------------------------------------------------
 
@@ -992,12 +997,15 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
             )
             if version.get('additionalPrinterColumns'):
                 self._printer_columns[resource] = copy.deepcopy(version['additionalPrinterColumns'])
+            if (version.get('schema') or {}).get('openAPIV3Schema'):
+                self._schemas[resource] = copy.deepcopy(version['schema']['openAPIV3Schema'])
             registered.append(resource)
         self._crd_resources[crd['metadata']['name']] = registered
 
     def _unregister_crd(self, crd: Mapping[str, Any]) -> None:
         for resource in self._crd_resources.pop(crd['metadata']['name'], []):
             self._printer_columns.pop(resource, None)
+            self._schemas.pop(resource, None)
             for obj in self.objects_of(resource):
                 self._remove(resource, obj['metadata'].get('namespace'), obj['metadata']['name'])
             if resource == HPOSTUDY:  # declared up front: keep serving it, as before the CRD
