@@ -85,6 +85,21 @@ def test_gpu_count_and_the_operators_gpu_pool_apply_when_the_spec_names_no_pool(
     assert manifest["spec"]["tolerations"] == [{"key": "gpu", "operator": "Exists"}]
 
 
+def test_cpu_trials_go_to_the_operators_cpu_pool_unless_the_spec_names_its_nodes():
+    settings = OperatorSettings(cpu_node_selector={"pool": "cpu"}, gpu_node_selector={"pool": "gpu"},
+                                cpu_tolerations=(Toleration(key="spot", operator="Exists"),))
+    silent = pod(gpu_spec(), layers=1, settings=settings)
+    named = pod(spec(trainer={"nodeSelector": {"zone": "a"}, "tolerations": [GPU_TOLERATION]}), layers=1,
+                settings=settings)
+    on_gpu = pod(gpu_spec(), layers=3, settings=settings)
+
+    assert silent["spec"]["nodeSelector"] == {"pool": "cpu"}
+    assert silent["spec"]["tolerations"] == [{"key": "spot", "operator": "Exists"}]
+    assert named["spec"]["nodeSelector"] == {"zone": "a"} and named["spec"]["tolerations"] == [GPU_TOLERATION]
+    assert on_gpu["spec"]["nodeSelector"] == GPU_SELECTOR  # the spec's GPU pool, not the CPU pool
+    assert {"key": "spot", "operator": "Exists"} not in on_gpu["spec"]["tolerations"]
+
+
 def test_builders_do_not_change_the_spec_they_read():
     study = gpu_spec()
     before = study.model_dump()

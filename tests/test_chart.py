@@ -52,6 +52,8 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "metrics": {"serviceMonitor": {"enabled": True}},
         "imagePullSecrets": [{"name": "registry"}],
         "trainer": {"image": {"repository": "registry.example.com/trainer", "tag": "0.1.0-cuda"},
+                    "cpuNodeSelector": {"pool": "cpu"},
+                    "cpuTolerations": [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}],
                     "gpuNodeSelector": {"pool": "gpu"},
                     "gpuTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
         "operator": {"extraArgs": ["--verbose"], "nodeSelector": {"pool": "system"},
@@ -282,25 +284,33 @@ def _strata_env_read_by_the_operator() -> set[str]:
     return names
 
 
-# Passed by the chart for the operator to adopt (trainer.gpuNodeSelector / gpuTolerations); not read yet.
-PROPOSED_OPERATOR_ENV = {"STRATA_GPU_NODE_SELECTOR", "STRATA_GPU_TOLERATIONS"}
-
-
 def test_every_strata_variable_the_chart_sets_is_one_the_operator_reads() -> None:
     read = _strata_env_read_by_the_operator()
     for case, values in VALUE_SETS.items():
         names = {n for n in env_of(operator_container(manifests(values))) if n.startswith("STRATA_")}
-        unknown = names - read - PROPOSED_OPERATOR_ENV
+        unknown = names - read
         assert not unknown, f"{case}: the operator never reads {sorted(unknown)}"
 
 
-def test_gpu_pool_defaults_are_passed_as_json() -> None:
+def test_node_pools_from_the_values_place_cpu_and_gpu_trainer_pods() -> None:
+    """values -> operator env (JSON) -> operator settings -> where trainer pods of a silent spec go."""
+    from strata.kube.reconcile import settings_from_env
+
     env = env_of(operator_container(manifests(VALUE_SETS["everything"])))
-    assert json.loads(env["STRATA_GPU_NODE_SELECTOR"]["value"]) == {"pool": "gpu"}
-    assert json.loads(env["STRATA_GPU_TOLERATIONS"]["value"]) == [
-        {"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
     assert env["STRATA_TRAINER_IMAGE"]["value"] == "registry.example.com/trainer:0.1.0-cuda"
-    assert not any(n.startswith("STRATA_GPU") for n in env_of(operator_container(manifests())))
+    settings = settings_from_env({n: e["value"] for n, e in env.items() if "value" in e})
+    spec = parse_spec({"searchSpace": {"convLayers": {"type": "int", "low": 1, "high": 3}}, "trials": {"max": 4},
+                       "trainer": {"gpu": {"enabled": True, "minConvLayers": 3}}})
+
+    def placement(layers: int) -> tuple[dict, list]:
+        pod = builders.build_trial_pod(name="s", namespace=NAMESPACE, uid="uid-1", number=0,
+                                       params={"convLayers": layers}, spec=spec, settings=settings)
+        return pod["spec"].get("nodeSelector"), pod["spec"].get("tolerations")
+
+    assert placement(1) == ({"pool": "cpu"}, [{"key": "spot", "operator": "Exists", "effect": "NoSchedule"}])
+    assert placement(3) == ({"pool": "gpu"}, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
+    assert not any(n.startswith(("STRATA_GPU", "STRATA_CPU_N", "STRATA_CPU_T"))
+                   for n in env_of(operator_container(manifests())))
 
 
 @pytest.mark.parametrize("case", ["bundled-services", "external-services", "everything"])

@@ -234,6 +234,33 @@ def test_usage_counts_weight_objects_and_their_bytes(object_store):
     assert registry.usage() == (3, 400)
 
 
+def test_usage_of_a_study_counts_only_what_it_published(object_store):
+    registry = LayerRegistry(object_store)
+    publish(registry, signature(k=1), 0, 0.5, study="ns.a", weights=b"a" * 100)
+    publish(registry, signature(k=2), 0, 0.5, study="ns.a", weights=b"b" * 250)
+    publish(registry, signature(k=2), 0, 0.4, study="ns.a-tpe", weights=b"c" * 50)  # starts like "ns.a-t"
+
+    assert registry.usage(study="ns.a") == (2, 350)
+    assert registry.usage(study="ns.a-tpe") == (1, 50)
+    assert registry.usage(study="ns.other") == (0, 0)
+    assert registry.usage() == (3, 400)
+
+
+def test_removing_a_study_deletes_its_entries_and_keeps_the_others(object_store):
+    registry = LayerRegistry(object_store)
+    publish(registry, signature(k=1), 0, 0.5, study="ns.a")
+    publish(registry, signature(k=2), 1, 0.3, study="ns.a")
+    kept = publish(registry, signature(k=2), 0, 0.4, study="ns.a-tpe")
+
+    assert registry.remove_study("ns.a") == 2
+
+    assert registry.best_donor(signature(k=2)) == kept
+    assert registry.best_donor(signature(k=1)) is None
+    assert [info.key for info in object_store.list("layers/") if not info.key.endswith("signature.json")] == \
+        sorted([f"{kept.entry}/meta.json", kept.weights_key])
+    assert LayerRegistry(object_store).remove_study("ns.a") == 0
+
+
 def test_two_registries_on_the_same_store_see_each_others_donors(store_location, object_store):
     trainer_a = LayerRegistry(object_store)
     trainer_b = LayerRegistry(open_object_store(store_location))

@@ -7,6 +7,7 @@ sampler proposes next is fixed with Optuna's own enqueue_trial, the way a user p
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import Any
 
@@ -17,7 +18,8 @@ from optuna.trial import TrialState
 from strata.architecture import architecture_from_params
 from strata.objectstore import open_object_store
 from strata.registry import LayerRegistry
-from strata.scheduler import ATTR_DUPLICATE_OF, ATTR_FAIL_KIND, Plan, TrialScheduler
+from strata.runner import step
+from strata.scheduler import ATTR_DUPLICATE_OF, ATTR_FAIL_KIND, ATTR_STARTED, Plan, TrialScheduler
 from strata.spec import StudySpec, parse_spec
 from strata.study import ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_RETRY_OF, create_or_load_study
 
@@ -394,20 +396,92 @@ def test_a_study_whose_every_trial_failed_does_not_succeed(simulate):
 # --- how a study ends ------------------------------------------------------------------------------
 
 
-def test_reaching_the_goal_ends_the_study_once_running_trials_finish(simulate):
+class StepExecutor:
+    """The executor side of strata.runner.step for a SimulatedStudy: which workers run, since when."""
+
+    def __init__(self, sim: SimulatedStudy):
+        self.sim = sim
+        self.started: dict[int, float] = {}
+        self.stopped: list[int] = []
+
+    def start(self, number: int) -> None:
+        self.sim.active.add(number)
+        self.started[number] = time.time()
+
+    def poll(self) -> list:
+        return []
+
+    def active(self) -> set[int]:
+        return set(self.sim.active)
+
+    def started_at(self, number: int) -> float:
+        return self.started[number]
+
+    def stop(self, number: int) -> None:
+        self.sim.active.discard(number)
+        self.stopped.append(number)
+
+    def stop_all(self) -> None:
+        for number in sorted(self.sim.active):
+            self.stop(number)
+
+
+def test_reaching_the_goal_stops_the_running_trials_and_ends_the_study(simulate):
     sim = simulate(study_spec(objective={"metric": "val_loss", "goal": 0.3}, trials={"max": 6, "parallel": 2}))
+    executor = StepExecutor(sim)
     sim.sampler_proposes(with_depth(DEEP, 1))
     sim.sampler_proposes({**with_depth(DEEP, 1), "batchSize": 32})
-    assert sim.plan().launch == [0, 1]
+    step(sim.scheduler, executor, 2)
+    assert executor.active() == {0, 1}
 
     sim.complete(0, value=0.25)
-    outcome = sim.outcome()
-    assert (outcome.finished, outcome.phase, outcome.reason) == (False, "Succeeded", "GoalReached")
-    assert sim.plan(free_slots=1).launch == []
+    outcome, plan, _ = step(sim.scheduler, executor, 2)
 
-    sim.complete(1, value=0.9)
-    assert sim.outcome().finished
+    assert (outcome.finished, outcome.phase, outcome.reason) == (True, "Succeeded", "GoalReached")
+    assert executor.stopped == [1] and plan.launch == []
+    stopped = sim.trial(1)
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs[ATTR_FAIL_KIND] == "interrupted"
+    progress = sim.scheduler.progress()
+    assert (progress.complete, progress.failed, progress.best.number) == (1, 0, 0)  # a stop is not a failure
     assert len(sim.trials()) == 2
+
+
+def test_the_study_timeout_stops_running_trials_and_ends_the_study(simulate):
+    sim = simulate(study_spec(trials={"max": 6, "parallel": 2, "studyTimeoutSeconds": 60}))
+    executor = StepExecutor(sim)
+    sim.sampler_proposes(with_depth(DEEP, 1))
+    sim.sampler_proposes({**with_depth(DEEP, 1), "batchSize": 32})
+    step(sim.scheduler, executor, 2)
+    sim.complete(0, value=0.4)
+    sim.study.set_user_attr(ATTR_STARTED, time.time() - 61)  # the study began 61 s ago
+
+    outcome, plan, _ = step(sim.scheduler, executor, 2)
+
+    assert (outcome.finished, outcome.phase, outcome.reason) == (True, "Succeeded", "StudyTimeout")
+    assert outcome.message == "study timeout of 60s passed with 1 complete trials"
+    assert executor.stopped == [1] and plan.launch == []
+    assert sim.trial(1).state == TrialState.FAIL
+
+
+def test_a_trial_past_its_timeout_is_stopped_failed_and_not_retried(simulate):
+    sim = simulate(study_spec(trials={"max": 2, "parallel": 2, "retries": 3, "timeoutSeconds": 30}))
+    executor = StepExecutor(sim)
+    sim.sampler_proposes(with_depth(DEEP, 1))
+    sim.sampler_proposes({**with_depth(DEEP, 1), "batchSize": 32})
+    step(sim.scheduler, executor, 2)
+    executor.started[0] -= 31  # trial 0 has run for 31 s, trial 1 just started
+
+    outcome, plan, _ = step(sim.scheduler, executor, 2)
+
+    assert executor.stopped == [0] and executor.active() == {1}
+    timed_out = sim.trial(0)
+    assert timed_out.state == TrialState.FAIL
+    assert (timed_out.user_attrs[ATTR_FAIL_KIND], timed_out.user_attrs[ATTR_FAIL_REASON]) == \
+        ("timeout", "trial exceeded timeoutSeconds=30")
+    assert plan.launch == [] and outcome.phase == "Running"
+    sim.complete(1)
+    assert step(sim.scheduler, executor, 2)[0].finished
+    assert len(sim.trials()) == 2  # no retry of the timed-out configuration
 
 
 def test_a_value_short_of_the_goal_keeps_the_study_running(simulate):

@@ -107,8 +107,8 @@ class _SnapshotCollector:
         saved = CounterMetricFamily("strata_training_seconds_saved", "Estimated training seconds saved by reuse.", labels=labels)
         load_failures = CounterMetricFamily("strata_registry_load_failures",
                                             "Donor checkpoints that trainers refused or could not load.", labels=labels)
-        objects = GaugeMetricFamily("strata_registry_objects", "Checkpoints in the study's layer registry.", labels=labels)
-        size = GaugeMetricFamily("strata_registry_bytes", "Bytes of checkpoints in the study's layer registry.", labels=labels)
+        objects = GaugeMetricFamily("strata_registry_objects", "Checkpoints this study published to the layer registry.", labels=labels)
+        size = GaugeMetricFamily("strata_registry_bytes", "Bytes of the checkpoints this study published to the layer registry.", labels=labels)
         duration = HistogramMetricFamily("strata_trial_duration_seconds", "Training seconds of finished trials.",
                                          labels=labels)
         counts = {p: 0 for p in PHASES}

@@ -106,11 +106,38 @@ class LayerRegistry:
             raise CorruptCheckpoint(f"{donor.weights_key}: sha256 {digest[:12]} != recorded {donor.sha256[:12]}")
         return data
 
-    def usage(self) -> tuple[int, int]:
-        """(objects, bytes) of all weights in the registry."""
+    def usage(self, study: str | None = None) -> tuple[int, int]:
+        """(objects, bytes) of the weights in the registry, or of those one study published."""
         objects = size = 0
+        entries = self._entries_of(study) if study is not None else None
         for info in self.store.list(f"{ROOT}/"):
-            if info.key.endswith("/weights.pt"):
+            if info.key.endswith("/weights.pt") and (entries is None or info.key.rsplit("/", 1)[0] in entries):
                 objects += 1
                 size += info.size
         return objects, size
+
+    def remove_study(self, study: str) -> int:
+        """Delete the entries a study published (meta.json first: a half-removed entry is invisible)."""
+        entries = self._entries_of(study)
+        for entry in sorted(entries):
+            self.store.delete(f"{entry}/meta.json")
+            self.store.delete(f"{entry}/weights.pt")
+        return len(entries)
+
+    def _entries_of(self, study: str) -> set[str]:
+        # Entry names start with "<study>-t"; the metadata decides (another study's name may share that start).
+        entries = set()
+        for info in self.store.list(f"{ROOT}/"):
+            entry, _, leaf = info.key.rpartition("/")
+            if leaf != "meta.json" or not entry.rsplit("/", 1)[-1].startswith(f"{study}-t"):
+                continue
+            meta = self._metas.get((info.key, info.size))
+            if meta is None:
+                try:
+                    meta = DonorMeta(**json.loads(self.store.get_bytes(info.key)))
+                except (ObjectNotFound, ValueError, TypeError):
+                    continue
+                self._metas[(info.key, info.size)] = meta
+            if meta.study == study:
+                entries.add(entry)
+        return entries

@@ -186,8 +186,10 @@ class TrialScheduler:
             return Outcome(not active, "Succeeded" if p.complete else "Failed", "StudyTimeout",
                            f"study timeout of {timeout}s passed with {p.complete} complete trials", stop_active=True)
         if p.best is not None and self.spec.objective.reached(p.best.value):
+            # Running trials can no longer change the result: stop them (their pods are deleted).
             return Outcome(not active, "Succeeded", "GoalReached",
-                           f"trial {p.best.number} reached {p.best.value:.4g} (goal {self.spec.objective.goal})")
+                           f"trial {p.best.number} reached {p.best.value:.4g} (goal {self.spec.objective.goal})",
+                           stop_active=True)
         target = self._target()
         if p.finished >= target and not active and p.waiting == 0:
             return Outcome(True, "Succeeded" if p.complete else "Failed", "MaxTrialsReached",

@@ -521,7 +521,8 @@ FIELD_DOCS: dict[str, str] = {
     "databaseSecret": "Secret key holding the Optuna storage URL (with its password).",
     "key": "Key in the Secret.",
     "objectStoreSecret": "Secret with accessKey and secretKey for the S3/MinIO checkpoint store.",
-    "keepOnDelete": "Keep the Optuna study and the checkpoints when the HPOStudy is deleted.",
+    "keepOnDelete": "Keep the Optuna study and the checkpoints when the HPOStudy is deleted; false deletes the "
+                    "study and the checkpoints it published (other studies' donors stay).",
     "trainer": "Trainer pods: image, resources and CPU/GPU placement.",
     "image": "Trainer image (default: the operator's configured image).",
     "imagePullPolicy": "Image pull policy of trainer pods.",

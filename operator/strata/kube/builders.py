@@ -32,6 +32,9 @@ class OperatorSettings:
     # The cluster's GPU pool, for studies whose spec.trainer.gpu names none.
     gpu_node_selector: dict[str, str] = field(default_factory=dict)
     gpu_tolerations: tuple[Toleration, ...] = ()
+    # The cluster's CPU pool, for CPU trials of studies whose spec.trainer names no nodeSelector/tolerations.
+    cpu_node_selector: dict[str, str] = field(default_factory=dict)
+    cpu_tolerations: tuple[Toleration, ...] = ()
 
 
 def optuna_study_name(namespace: str, name: str) -> str:
@@ -66,8 +69,10 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
     gpu = trainer.gpu.wants(params)
     gpu_selector = (trainer.gpu.node_selector or settings.gpu_node_selector) if gpu else {}
     gpu_tolerations = list(trainer.gpu.tolerations or settings.gpu_tolerations) if gpu else []
-    node_selector = {**trainer.node_selector, **gpu_selector}
-    tolerations = [_toleration(t) for t in list(trainer.tolerations) + gpu_tolerations]
+    pool_selector = {} if gpu or trainer.node_selector else settings.cpu_node_selector
+    pool_tolerations = [] if gpu or trainer.tolerations else list(settings.cpu_tolerations)
+    node_selector = {**pool_selector, **trainer.node_selector, **gpu_selector}
+    tolerations = [_toleration(t) for t in pool_tolerations + list(trainer.tolerations) + gpu_tolerations]
     resources = {"requests": dict(trainer.resources.requests), "limits": dict(trainer.resources.limits)}
     if gpu:
         resources["limits"]["nvidia.com/gpu"] = str(trainer.gpu.count)

@@ -50,11 +50,15 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         name, _, key = value.partition("/")
         return SecretKeyRef(name=name, key=key or "url")
 
-    gpu_tolerations = [Toleration.model_validate(t) for t in json.loads(env.get("STRATA_GPU_TOLERATIONS") or "[]")]
+    def tolerations(name: str) -> tuple[Toleration, ...]:
+        return tuple(Toleration.model_validate(t) for t in json.loads(env.get(name) or "[]"))
+
     return builders.OperatorSettings(
         trainer_image=env.get("STRATA_TRAINER_IMAGE", builders.OperatorSettings.trainer_image),
         gpu_node_selector=json.loads(env.get("STRATA_GPU_NODE_SELECTOR") or "{}"),
-        gpu_tolerations=tuple(gpu_tolerations),
+        gpu_tolerations=tolerations("STRATA_GPU_TOLERATIONS"),
+        cpu_node_selector=json.loads(env.get("STRATA_CPU_NODE_SELECTOR") or "{}"),
+        cpu_tolerations=tolerations("STRATA_CPU_TOLERATIONS"),
         database_secret=ref(env.get("STRATA_DATABASE_SECRET")),
         object_store_secret=env.get("STRATA_OBJECT_STORE_SECRET") or None,
         checkpoints=env.get("STRATA_CHECKPOINTS") or None,
@@ -307,7 +311,7 @@ class StudyService:
         if registry is not None and time.monotonic() - self._usage_checked.get(key, -1e9) > USAGE_INTERVAL_SECONDS:
             self._usage_checked[key] = time.monotonic()
             try:
-                snapshot.registry_objects, snapshot.registry_bytes = registry.usage()
+                snapshot.registry_objects, snapshot.registry_bytes = registry.usage(study=runtime.study.study_name)
             except ObjectStoreError as error:
                 log.warning("layer registry size unavailable: %s", error)
         return snapshot
@@ -378,10 +382,18 @@ class StudyService:
             self.forget(namespace, name)
             return []
         if not spec.storage.keep_on_delete:
+            study_name = builders.optuna_study_name(namespace, name)
             try:
                 url = self._database_url_for(namespace, spec)
-                optuna.delete_study(study_name=builders.optuna_study_name(namespace, name), storage=open_storage(url))
+                optuna.delete_study(study_name=study_name, storage=open_storage(url))
             except (KeyError, SecretMissing, StorageError) as error:
                 log.warning("could not delete Optuna study of %s/%s: %s", namespace, name, error)
+            try:  # only this study's layers: other studies' donors stay
+                registry = self._registry_for(namespace, spec.model_copy(
+                    update={"reuse": spec.reuse.model_copy(update={"enabled": True})}))
+                removed = registry.remove_study(study_name) if registry is not None else 0
+                log.info("removed %d checkpoint(s) of %s", removed, study_name)
+            except (SecretMissing, ObjectStoreError) as error:
+                log.warning("could not delete the checkpoints of %s/%s: %s", namespace, name, error)
         self.forget(namespace, name)
         return []

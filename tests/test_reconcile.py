@@ -1,0 +1,157 @@
+"""The operator's reconcile logic (StudyService) against the Kubernetes API emulator over HTTP.
+
+No Kopf and no kubelet here: the test plays the kubelet by patching pod statuses, and the trainer
+by telling Optuna (SQLite), so each pod fate the end-to-end tests cannot easily produce (an
+eviction, a pod that vanished, a pruned trial, a goal reached while others still run) is one
+reconcile away.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from strata.kube.api import KubeApi
+from strata.kube.builders import OperatorSettings
+from strata.kube.reconcile import ReconcileResult, StudyService
+from tests.k8s.fixtures import k8s_api  # noqa: F401
+
+NAME, UID = "fates", "6f1c2a9e-0000-4000-8000-0000000000aa"
+
+
+class Reconciler:
+    """One study reconciled the way the Kopf timer does it, with status and events kept between passes."""
+
+    def __init__(self, k8s_api, storage_url: str, **spec_changes: Any):
+        self.client = k8s_api.kubernetes_client()
+        self.k8s_api = k8s_api
+        self.service = StudyService(KubeApi(self.client), OperatorSettings(trainer_image="trainer:test"))
+        self.spec = {
+            "searchSpace": {"convLayers": {"type": "int", "low": 1, "high": 1},
+                            "learningRate": {"type": "float", "low": 0.001, "high": 0.1, "log": True}},
+            "sampler": {"name": "random", "seed": 3},
+            "trials": {"max": 4, "parallel": 2, "maxFailed": 5, "retries": 1},
+            "storage": {"optunaUrl": storage_url},
+            **spec_changes,
+        }
+        self.status: dict[str, Any] = {}
+        self.events: list[tuple[str, str, str]] = []
+        self.storage_url = storage_url
+
+    def reconcile(self) -> ReconcileResult:
+        result = self.service.reconcile("default", NAME, UID, self.spec, self.status, 1)
+        self.status = result.status
+        self.events += result.events
+        return result
+
+    def pods(self) -> dict[int, dict[str, Any]]:
+        return {int(p["metadata"]["labels"]["hpo.strata.dev/trial"]): p
+                for p in self.k8s_api.list("pods", "default", labels=f"hpo.strata.dev/study={NAME}")}
+
+    def set_pod_status(self, number: int, status: dict[str, Any]) -> None:
+        self.k8s_api.patch("pods", self.pods()[number]["metadata"]["name"], {"status": status}, subresource="status")
+
+    def study(self) -> optuna.Study:
+        return optuna.load_study(study_name=f"default.{NAME}", storage=self.storage_url)
+
+    def reasons(self, reason: str) -> list[str]:
+        return [message for _, r, message in self.events if r == reason]
+
+    def close(self) -> None:
+        self.client.close()
+
+
+@pytest.fixture
+def reconciler(k8s_api, tmp_path):
+    made: list[Reconciler] = []
+
+    def make(**spec_changes: Any) -> Reconciler:
+        made.append(Reconciler(k8s_api, f"sqlite:///{tmp_path / 'optuna.db'}", **spec_changes))
+        return made[-1]
+    yield make
+    for r in made:
+        r.close()
+
+
+def terminated(phase: str, code: int, reason: str) -> dict[str, Any]:
+    # A container status as a kubelet writes it (the kubernetes client insists on its required fields).
+    return {"phase": phase, "containerStatuses": [
+        {"name": "trainer", "image": "trainer:test", "imageID": "", "ready": False, "restartCount": 0,
+         "state": {"terminated": {"exitCode": code, "reason": reason}}}]}
+
+
+def test_an_evicted_pod_fails_its_attempt_and_the_trial_is_retried(reconciler):
+    r = reconciler()
+    r.reconcile()
+    assert sorted(r.pods()) == [0, 1]
+
+    r.set_pod_status(0, {"phase": "Failed", "reason": "Evicted", "message": "node low on memory"})
+    r.reconcile()
+
+    trials = r.study().trials
+    assert trials[0].state == TrialState.FAIL and "Evicted" in trials[0].user_attrs["fail_reason"]
+    retry = [t for t in trials if t.user_attrs.get("strata.retry_of") == 0]
+    assert len(retry) == 1 and retry[0].params == trials[0].params
+    assert r.reasons("TrialFailed") and "Evicted" in r.reasons("TrialFailed")[0]
+    assert r.reasons("TrialRetried") == [f"trial {retry[0].number} retries trial 0 "
+                                         f"(pod {NAME}-trial-{retry[0].number})"]
+    assert r.status["trials"]["failed"] == 1
+
+
+def test_a_pod_that_vanished_is_a_lost_attempt_and_is_retried(reconciler, k8s_api):
+    r = reconciler()
+    r.reconcile()
+    k8s_api.delete("pods", r.pods()[1]["metadata"]["name"])
+
+    r.reconcile()
+
+    lost = r.study().trials[1]
+    assert lost.state == TrialState.FAIL and "Lost" in lost.user_attrs["fail_reason"]
+    assert any(t.user_attrs.get("strata.retry_of") == 1 for t in r.study().trials)
+    assert len(r.reasons("TrialRetried")) == 1
+
+
+def test_an_oom_killed_pod_is_reported_with_its_exit_code_and_reason(reconciler):
+    r = reconciler(trials={"max": 2, "parallel": 2, "maxFailed": 5, "retries": 0})
+    r.reconcile()
+    r.set_pod_status(0, terminated("Failed", 137, "OOMKilled"))
+
+    r.reconcile()
+
+    assert r.study().trials[0].user_attrs["fail_reason"] == "trainer exited with code 137 (OOMKilled)"
+    assert r.reasons("TrialFailed") == ["trial 0 failed: trainer exited with code 137 (OOMKilled)"]
+    assert not r.reasons("TrialRetried")
+
+
+def test_a_trial_the_trainer_pruned_gets_a_trial_pruned_event(reconciler):
+    r = reconciler()
+    r.reconcile()
+    study = r.study()
+    study.tell(0, state=TrialState.PRUNED)  # what the trainer does when the pruner stops it (exit code 3)
+    r.set_pod_status(0, terminated("Succeeded", 3, "Completed"))
+
+    r.reconcile()
+
+    assert r.reasons("TrialPruned") == ["trial 0 pruned"]
+    assert r.status["trials"]["pruned"] == 1
+    assert r.reconcile().events == []  # reported once
+
+
+def test_reaching_the_goal_deletes_the_pods_still_running_and_ends_the_study(reconciler):
+    r = reconciler(objective={"metric": "val_loss", "goal": 0.3})
+    r.reconcile()
+    r.study().tell(0, 0.25)
+    r.set_pod_status(0, terminated("Succeeded", 0, "Completed"))
+    r.set_pod_status(1, {"phase": "Running"})
+
+    result = r.reconcile()
+
+    assert (result.status["phase"], result.outcome.reason) == ("Succeeded", "GoalReached")
+    assert list(r.pods()) == [0]  # the running trial's pod is gone
+    stopped = r.study().trials[1]
+    assert stopped.state == TrialState.FAIL and stopped.user_attrs["strata.failure_kind"] == "interrupted"
+    assert r.status["trials"]["failed"] == 0 and r.status["best"]["number"] == 0
+    assert r.reasons("StudySucceeded") == ["trial 0 reached 0.25 (goal 0.3)"]
