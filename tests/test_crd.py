@@ -477,6 +477,19 @@ def test_kubectl_explain_shows_each_fields_type_and_description(kubectl):
     assert " ".join(trials["parallel"]["description"].split()) in " ".join(field.split())
 
 
+def test_kubectl_applies_every_example_and_lists_them(kubectl):
+    kubectl("apply", "-f", str(ROOT / "crds" / "hpostudy.yaml"))
+    examples = sorted((ROOT / "examples").glob("*.yaml"))
+    names = sorted(yaml.safe_load(path.read_text())["metadata"]["name"] for path in examples)
+
+    for path in examples:
+        assert "created" in kubectl("apply", "-f", str(path)).stdout, path.name
+
+    header, *rows = kubectl("get", "hpostudies").stdout.splitlines()
+    assert header.split() == ["NAME", "PHASE", "COMPLETED", "RUNNING", "BEST", "REUSED", "AGE"]
+    assert sorted(row.split()[0] for row in rows) == names and len(names) >= 3
+
+
 def test_kubectl_get_shows_phase_completed_running_best_reused_and_age():
     columns = VERSION["additionalPrinterColumns"]
     assert [c["name"] for c in columns] == ["Phase", "Completed", "Running", "Best", "Reused", "Age"]
@@ -493,6 +506,24 @@ def test_the_crd_has_a_status_subresource_a_short_name_and_one_served_stored_ver
     assert CRD["spec"]["scope"] == "Namespaced"
     assert [(v["name"], v["served"], v["storage"]) for v in CRD["spec"]["versions"]] == [("v1alpha1", True, True)]
     assert VERSION["subresources"] == {"status": {}}
+
+
+def test_the_status_the_operator_writes_is_declared_whole_so_nothing_is_pruned_or_undescribed():
+    from strata.kube.builders import build_status, invalid_status
+    from strata.scheduler import Best, Outcome, Progress
+
+    progress = Progress(complete=3, pruned=1, failed=2, retried=1, running=1, waiting=1, configs=6, finished=4,
+                        best=Best(2, 0.41, {"convLayers": 2, "learningRate": 0.001}), reused_trials=2,
+                        reused_layers=3, seconds_saved=12.34)
+    status = build_status({}, progress, Outcome(False, "Running", "TrialsRunning", "4 of 8 trials finished"),
+                          max_trials=8, optuna_name="ns.study", generation=2)
+    schema = SCHEMA["properties"]["status"]
+    for written in (status, invalid_status(status, "InvalidSpec", "spec.trials.max: bad", 3)):
+        written = json.loads(json.dumps(written))
+        assert prune(written, {**schema, "x-kubernetes-preserve-unknown-fields": False}) == written
+        jsonschema.validate(written, to_json_schema(schema))
+    assert set(schema["properties"]["trials"]["properties"]) == set(status["trials"])
+    assert set(schema["properties"]["reuse"]["properties"]) == set(status["reuse"])
 
 
 def test_the_schema_is_structural():

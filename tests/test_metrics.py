@@ -22,7 +22,7 @@ def samples(metrics: StrataMetrics) -> dict[tuple[str, tuple], float]:
 
 
 def snapshot(**overrides) -> StudySnapshot:
-    base = dict(phase="Running", complete=5, pruned=2, failed=1, running=2, waiting=1, best_value=0.41,
+    base = dict(phase="Running", complete=5, pruned=2, failed=1, retried=1, running=2, waiting=1, best_value=0.41,
                 reused_trials=4, reused_layers=6, seconds_saved=12.5, registry_load_failures=1,
                 durations=[3.0, 8.0, 45.0], registry_objects=9, registry_bytes=4096, max_trials=20)
     base.update(overrides)
@@ -39,6 +39,7 @@ def test_a_study_snapshot_becomes_counters_gauges_and_a_histogram():
 
     assert at("strata_trials_total", state="complete") == 5
     assert at("strata_trials_total", state="failed") == 1
+    assert at("strata_trial_retries_total") == 1
     assert at("strata_trials_current", state="running") == 2
     assert at("strata_best_objective_value") == 0.41
     assert at("strata_trials_max") == 20

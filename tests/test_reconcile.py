@@ -98,7 +98,7 @@ def test_an_evicted_pod_fails_its_attempt_and_the_trial_is_retried(reconciler):
     assert r.reasons("TrialFailed") and "Evicted" in r.reasons("TrialFailed")[0]
     assert r.reasons("TrialRetried") == [f"trial {retry[0].number} retries trial 0 "
                                          f"(pod {NAME}-trial-{retry[0].number})"]
-    assert r.status["trials"]["failed"] == 1
+    assert (r.status["trials"]["failed"], r.status["trials"]["retried"]) == (1, 1)
 
 
 def test_a_pod_that_vanished_is_a_lost_attempt_and_is_retried(reconciler, k8s_api):

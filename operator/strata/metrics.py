@@ -26,6 +26,7 @@ class StudySnapshot:
     complete: int = 0
     pruned: int = 0
     failed: int = 0
+    retried: int = 0
     running: int = 0
     waiting: int = 0
     best_value: float | None = None
@@ -99,6 +100,7 @@ class _SnapshotCollector:
         by_phase = GaugeMetricFamily("strata_studies", "Studies by phase.", labels=["phase"])
         phase = GaugeMetricFamily("strata_study_phase", "1 for the study's current phase.", labels=labels + ["phase"])
         trials = CounterMetricFamily("strata_trials", "Finished trials by final state.", labels=labels + ["state"])
+        retries = CounterMetricFamily("strata_trial_retries", "Attempts that re-ran a failed trial.", labels=labels)
         current = GaugeMetricFamily("strata_trials_current", "Trials now running or waiting.", labels=labels + ["state"])
         best = GaugeMetricFamily("strata_best_objective_value", "Best objective value of the study.", labels=labels)
         max_trials = GaugeMetricFamily("strata_trials_max", "Trials the study runs (spec.trials.max).", labels=labels)
@@ -119,6 +121,7 @@ class _SnapshotCollector:
                 phase.add_metric(key + [p], 1.0 if s.phase == p else 0.0)
             for state, value in (("complete", s.complete), ("pruned", s.pruned), ("failed", s.failed)):
                 trials.add_metric(key + [state], value)
+            retries.add_metric(key, s.retried)
             current.add_metric(key + ["running"], s.running)
             current.add_metric(key + ["waiting"], s.waiting)
             if s.best_value is not None:
@@ -135,7 +138,7 @@ class _SnapshotCollector:
             duration.add_metric(key, _buckets(s.durations), sum_value=sum(s.durations))
         for p, n in counts.items():
             by_phase.add_metric([p], n)
-        yield from (by_phase, phase, trials, current, best, max_trials, reused_trials, reused_layers, saved, load_failures,
+        yield from (by_phase, phase, trials, retries, current, best, max_trials, reused_trials, reused_layers, saved, load_failures,
                     objects, size, duration)
 
 

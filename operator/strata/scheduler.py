@@ -57,6 +57,7 @@ class Progress:
     complete: int = 0
     pruned: int = 0
     failed: int = 0  # failed attempts, retried or not
+    retried: int = 0  # attempts that re-ran a failed trial's configuration
     running: int = 0  # trials with a live worker
     waiting: int = 0  # asked trials waiting for a donor or a free slot
     configs: int = 0  # trials that count towards max (retries do not)
@@ -127,6 +128,8 @@ class TrialScheduler:
         for t in trials:
             if _counts_towards_max(t):
                 p.configs += 1
+            if ATTR_RETRY_OF in t.user_attrs:
+                p.retried += 1
             if t.state == TrialState.COMPLETE:
                 p.complete += 1
             elif t.state == TrialState.PRUNED:

@@ -58,7 +58,7 @@ class OperatorProcess:
 @pytest.fixture
 def cluster_env(k8s_api, kubectl, postgres_url, s3_server, tmp_path) -> dict[str, str]:
     """The CRD applied with kubectl, Secrets for the database and the object store, env for processes."""
-    kubectl("apply", "--validate=false", "-f", str(CRD))
+    kubectl("apply", "-f", str(CRD))
     k8s_api.create("secrets", secret("strata-db", {"url": postgres_url}))
     k8s_api.create("secrets", secret("strata-s3", {"accessKey": s3_server.access_key, "secretKey": s3_server.secret_key}))
     bin_dir = str(Path(sys.executable).parent)

@@ -38,9 +38,9 @@ def study_manifest(name: str, bucket: str, *, max_trials: int = 4, parallel: int
             "metadata": {"name": name, "namespace": NAMESPACE}, "spec": spec}
 
 
-def apply(kubectl, manifest: dict) -> None:
-    # --validate=false: the emulator serves no OpenAPI schema for custom resources (a cluster would).
-    kubectl("apply", "--validate=false", "-f", "-", input=yaml.safe_dump(manifest))
+def apply(kubectl, manifest: dict, *, validate: bool = True) -> None:
+    # validate=False: what a cluster's schema would refuse still reaches the emulator (and the operator).
+    kubectl("apply", *([] if validate else ["--validate=false"]), "-f", "-", input=yaml.safe_dump(manifest))
 
 
 def patch_spec(kubectl, name: str, spec: dict) -> None:

@@ -298,6 +298,7 @@ class StudyService:
         if runtime is None or progress is None:
             return snapshot
         snapshot.complete, snapshot.pruned, snapshot.failed = progress.complete, progress.pruned, progress.failed
+        snapshot.retried = progress.retried
         snapshot.running, snapshot.waiting = progress.running, progress.waiting
         snapshot.best_value = progress.best.value if progress.best else None
         snapshot.reused_trials, snapshot.reused_layers = progress.reused_trials, progress.reused_layers
