@@ -50,6 +50,22 @@ def reused_weights_match_their_donors(storage_url: str, study_name: str, locatio
     return checked
 
 
+def operator_api_calls(k8s_api) -> set[tuple[str, str, str]]:
+    """(apiGroup, resource, verb) of every request the operator process made (Kopf's and the kubernetes
+    client's User-Agents; kubectl and the test kubelet have their own), as RBAC names them."""
+    calls = set()
+    for request in k8s_api.requests:
+        agent = request.headers.get("User-Agent", "")
+        if not agent.startswith(("kopf/", "OpenAPI-Generator/")) or request.resource is None:
+            continue  # another client, or discovery (granted to every account by system:discovery)
+        watching = request.params.get("watch") in ("true", "1")
+        verb = {"GET": "watch" if watching else ("get" if request.name else "list"), "POST": "create",
+                "PATCH": "patch", "PUT": "update", "DELETE": "delete" if request.name else "deletecollection"}
+        resource = request.resource.plural + (f"/{request.subresource}" if request.subresource else "")
+        calls.add((request.resource.group, resource, verb[request.method]))
+    return calls
+
+
 def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubectl_shows_it(
         k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path):
     with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env, max_running=2) as kubelet:
@@ -109,3 +125,14 @@ def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubec
     kept = optuna.load_study(study_name="default.fashion", storage=postgres_url)
     assert len(kept.trials) == len(trials)
     assert "Traceback" not in operator.output(), operator.output()[-6000:]
+
+    # RBAC: every call the operator made in this whole life cycle is granted by the chart, in either scope
+    from tests.test_chart import granted, manifests
+
+    made = operator_api_calls(k8s_api)
+    assert {("", "pods", "create"), ("", "pods", "delete"), ("", "secrets", "get"),
+            ("hpo.strata.dev", "hpostudies", "watch"), ("hpo.strata.dev", "hpostudies/status", "patch"),
+            ("", "events", "create")} <= made, made
+    for scope in ("cluster", "namespace"):
+        missing = made - granted(manifests({"rbac": {"scope": scope}}))
+        assert not missing, f"{scope} RBAC lacks {sorted(missing)}"

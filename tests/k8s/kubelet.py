@@ -130,7 +130,8 @@ class LocalKubelet:
     async def _start(self) -> None:
         self._slot_freed = asyncio.Event()
         self._session = aiohttp.ClientSession(self.cluster.url, headers={
-            'Authorization': f'Bearer {self.cluster.token}', 'Accept': 'application/json'})
+            'Authorization': f'Bearer {self.cluster.token}', 'Accept': 'application/json',
+            'User-Agent': 'strata-test-kubelet'})
         self._main = asyncio.create_task(self._watch_pods())
 
     async def _stop(self) -> None:
