@@ -239,7 +239,7 @@ def results_markdown(result: dict[str, Any]) -> str:
         f"- dataset: {meta['dataset']['source']}, {meta['dataset']['train']} training + {meta['dataset']['val']} "
         f"validation images (subset {meta['dataset']['subset']}), input {meta['dataset']['input_shape']}",
         f"- grid: {meta['grid_size']} configurations ({meta['grid']}), {meta['grid_configs_run']} run per arm",
-        f"- epochs {meta['epochs']}; strata: {meta['epochs_when_reusing']} when reusing, early-stop patience "
+        f"- epochs {meta['epochs']}; strata: {meta['epochs_when_reusing'] or meta['epochs']} when reusing, early-stop patience "
         f"{meta['patience']}, feature cache on",
         f"- wall time of the whole benchmark: {meta['wall_seconds']:.0f} s (grid pass {meta['grid_seconds']:.0f} s, "
         f"TPE part {meta['tpe_seconds']:.0f} s)",

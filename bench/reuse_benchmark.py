@@ -76,7 +76,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--subset", type=int, default=None, help="training images (stratified; default 1500, quick 400)")
     parser.add_argument("--epochs", type=int, default=None, help="epochs from scratch (default 5, quick 2)")
     parser.add_argument("--epochs-when-reusing", type=int, default=None,
-                        help="strata arm's epochs when it reuses a prefix (default: the example spec's, 3; quick 1)")
+                        help="strata arm's epochs when it reuses a prefix (default: the example spec's; quick 1)")
+    parser.add_argument("--early-stop-patience", type=int, default=None,
+                        help="strata arm's early stop on rising validation loss (default: the example spec's, 1; "
+                             "0 turns it off)")
     parser.add_argument("--cifar", metavar="PATH", help="CIFAR-10 (cifar-10-batches-py) instead of Fashion-MNIST")
     parser.add_argument("--seeds", type=int, default=None, help="TPE searches per arm (default 3, quick 1)")
     parser.add_argument("--tpe-trials", type=int, default=None, help="TPE trial budget; 0 skips part 2 (default 40, quick 6)")
@@ -105,6 +108,8 @@ def build_spec(args: argparse.Namespace) -> StudySpec:
     training.update(subsetSize=args.subset, epochs=args.epochs)
     if args.epochs_when_reusing is not None:
         training["epochsWhenReusing"] = args.epochs_when_reusing
+    if args.early_stop_patience is not None:
+        training["earlyStopPatience"] = args.early_stop_patience
     if args.cifar:
         training["dataset"] = {"name": "cifar10", "path": args.cifar}
         training.pop("inputSize", None)

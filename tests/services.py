@@ -321,6 +321,18 @@ class PrometheusServer:
         assert body["status"] == "success", body
         return body["data"]["result"]
 
+    def label_values(self, label: str, match: str) -> list[str]:
+        """What Grafana's label_values(match, label) shows: Prometheus's label values API."""
+        import json
+        import urllib.parse
+        import urllib.request
+
+        query = urllib.parse.urlencode({"match[]": match})
+        with urllib.request.urlopen(f"{self.url}/api/v1/label/{label}/values?{query}", timeout=10) as response:
+            body = json.load(response)
+        assert body["status"] == "success", body
+        return body["data"]
+
     def scrapes(self) -> int:
         """Successful scrapes so far (samples of `up` == 1 in the last 10 minutes)."""
         result = self.query('count_over_time(up{job="strata"}[10m])')

@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import json
+import re
+from pathlib import Path
+
 import pytest
 
 from tests.dashboard_queries import PROMETHEUS_VARIABLES, load_dashboard_queries
@@ -10,7 +14,16 @@ from tests.e2e.studies import apply, study_manifest, wait_for_phase
 from tests.k8s.kubelet import LocalKubelet
 from tests.services import PrometheusServer, free_port, wait_for
 
+ROOT = Path(__file__).resolve().parents[2]
+
 pytestmark = pytest.mark.e2e
+
+
+def dashboard_variables() -> list[dict]:
+    dashboard = json.loads((ROOT / "charts" / "strata" / "dashboards" / "strata.json").read_text())
+    variables = [v for v in dashboard["templating"]["list"] if v["type"] == "query"]
+    assert {v["name"] for v in variables} == {"namespace", "study"}
+    return variables
 
 
 @pytest.fixture
@@ -47,6 +60,14 @@ def test_every_dashboard_panel_returns_data_from_prometheus_scraping_the_operato
         if not prometheus.query(expr):
             empty.append(f"{title}: {expr}")
     assert not empty, "panels without data:\n" + "\n".join(empty)
+
+    # the namespace and study variables list this study (label_values, as Grafana asks Prometheus)
+    chosen = {"namespace": "default", "study": "watched"}
+    for variable in dashboard_variables():
+        match = re.fullmatch(r"label_values\((.+), *(\w+)\)", variable["query"]["query"])
+        assert match, variable
+        selector = match.group(1).replace("$namespace", chosen["namespace"])
+        assert chosen[variable["name"]] in prometheus.label_values(match.group(2), selector), variable
 
     finished = prometheus.query('sum(strata_trials_total{study="watched", state=~"complete|pruned"})')
     assert float(finished[0]["value"][1]) == 3
