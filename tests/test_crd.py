@@ -165,22 +165,25 @@ CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
 }
 
 
-def cel_failures(value: Any, schema: dict[str, Any], path: str = "") -> list[str]:
-    failures = []
+def nodes_with_rules(value: Any, schema: dict[str, Any], path: str = ""):
+    """(path, value, its schema node, rule) for every CEL rule that applies somewhere in the value."""
     for rule in schema.get("x-kubernetes-validations", []):
-        if not CEL_RULES[rule["rule"]](value):
-            failures.append(f"{path or '<root>'}: {rule['message']}")
+        yield path or "<root>", value, schema, rule
     if isinstance(value, dict):
         for key, item in value.items():
             sub = (schema.get("properties") or {}).get(key)
             if sub is None and isinstance(schema.get("additionalProperties"), dict):
                 sub = schema["additionalProperties"]
             if sub is not None:
-                failures += cel_failures(item, sub, f"{path}.{key}" if path else key)
+                yield from nodes_with_rules(item, sub, f"{path}.{key}" if path else key)
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(value):
-            failures += cel_failures(item, schema["items"], f"{path}[{i}]")
-    return failures
+            yield from nodes_with_rules(item, schema["items"], f"{path}[{i}]")
+
+
+def cel_failures(value: Any, schema: dict[str, Any]) -> list[str]:
+    return [f"{path}: {rule['message']}" for path, node, _, rule in nodes_with_rules(value, schema)
+            if not CEL_RULES[rule["rule"]](node)]
 
 
 VALIDATOR = jsonschema.Draft202012Validator(to_json_schema(SCHEMA))
@@ -432,18 +435,10 @@ def cel_verdicts(value: Any, schema: dict[str, Any]) -> list[tuple[str, bool, bo
 
     environment = celpy.Environment()
     found = []
-    for rule in schema.get("x-kubernetes-validations", []):
-        program = environment.program(environment.compile(rule["rule"]))
-        verdict = program.evaluate({"self": to_cel(value, schema)})
+    for _, node, node_schema, rule in nodes_with_rules(value, schema):
+        verdict = environment.program(environment.compile(rule["rule"])).evaluate({"self": to_cel(node, node_schema)})
         assert not isinstance(verdict, Exception), (rule["rule"], verdict)
-        found.append((rule["rule"], bool(verdict), CEL_RULES[rule["rule"]](value)))
-    if isinstance(value, dict):
-        for key, item in value.items():
-            sub = (schema.get("properties") or {}).get(key)
-            if sub is None and isinstance(schema.get("additionalProperties"), dict):
-                sub = schema["additionalProperties"]
-            if sub is not None:
-                found += cel_verdicts(item, sub)
+        found.append((rule["rule"], bool(verdict), CEL_RULES[rule["rule"]](node)))
     return found
 
 
