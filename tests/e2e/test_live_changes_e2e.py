@@ -77,7 +77,7 @@ def test_suspend_resume_more_trials_more_parallel_pods_and_a_delete_that_keeps_n
     wait_for(lambda: k8s_api.get("hpostudies", "live")["spec"]["storage"]["keepOnDelete"] is False, timeout=10,
              message="the patch")
     kubectl("delete", "hpostudy", "live", "--wait=false")
-    wait_for(lambda: k8s_api.get("hpostudies", "live") is None, timeout=60, interval=0.2,
+    wait_for(lambda: k8s_api.get("hpostudies", "live") is None, timeout=15, interval=0.2,
              message="the finalizer to let the study go")
     assert "default.live" not in optuna.get_all_study_names(storage=postgres_url)
     assert registry.usage(study="default.live") == (0, 0)
