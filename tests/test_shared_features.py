@@ -61,6 +61,22 @@ def test_a_second_trial_on_the_same_donor_reads_the_first_ones_outputs_and_train
     assert val_losses(first) == val_losses(private) and val_losses(second) == val_losses(private)
 
 
+def test_a_caller_whose_report_stops_training_still_learns_the_cache_outcome(fashion, donor_state, tmp_path):
+    store, info = SharedFeatureStore(tmp_path), {}
+    reusing(fashion, donor_state, store)
+
+    class Stop(Exception):
+        """Any exception from report, as optuna.TrialPruned is."""
+
+    def stop(epoch):
+        raise Stop
+
+    with pytest.raises(Stop):
+        reusing(fashion, donor_state, store, report=stop, cache_info=info)
+
+    assert info == {"feature_cache": "float32", "shared_features": "hit"}
+
+
 def test_other_weights_or_other_images_never_get_the_stored_outputs(fashion, donor_state, tmp_path):
     store = SharedFeatureStore(tmp_path)
     reusing(fashion, donor_state, store)

@@ -614,6 +614,7 @@ def test_a_trial_far_behind_the_median_is_pruned_and_exits_3(postgres_url, tmp_p
     good_first = trial(postgres_url, "fashion-e2e", good).intermediate_values[1]
     assert pruned.intermediate_values[1] > good_first and list(pruned.intermediate_values) == [1]
     assert pruned.user_attrs["epochs_run"] == 1
+    assert pruned.user_attrs["feature_cache"] == "off"  # recorded for pruned trials too (nothing frozen here)
 
 
 def test_with_the_layer_store_unreachable_a_trial_trains_from_scratch(postgres_url, monkeypatch, caplog,

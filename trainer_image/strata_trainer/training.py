@@ -168,8 +168,13 @@ def train(
     spill_dir: str | None = None,
     report: Callable[[EpochResult], None] | None = None,
     shared_features: SharedFeatureStore | None = None,
+    cache_info: dict[str, str] | None = None,
 ) -> TrainResult:
-    """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial."""
+    """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial.
+
+    `cache_info` receives the feature cache's mode and shared outcome before the first epoch, so a
+    caller whose `report` stopped the training still knows them.
+    """
     arch = model.arch
     model.to(device)
     if frozen_layers:
@@ -197,6 +202,8 @@ def train(
             shared_outcome = "hit" if outcomes == {"hit"} else ("private" if "" in outcomes else "stored")
         train_inputs, val_inputs, start = train_cache.take, val_cache.take, frozen_layers
 
+    if cache_info is not None:
+        cache_info.update(feature_cache=mode, shared_features=shared_outcome)
     results: list[EpochResult] = []
     best_epoch, stopped_early, rising = 0, False, 0
     best_state: dict[str, torch.Tensor] = {}

@@ -186,14 +186,18 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     }
     started = time.perf_counter()
     spill_dir = os.environ.get("STRATA_SPILL_DIR") or tempfile.gettempdir()
+    cache_info: dict[str, str] = {}
     try:
         result = train(model, data, frozen_layers=frozen_layers, epochs=epochs,
                        patience=spec.training.early_stop_patience, seed=spec.training.seed, device=device,
                        cache_features=spec.reuse.cache_frozen_features, memory_limit=memory_limit(),
-                       spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env())
+                       spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env(),
+                       cache_info=cache_info)
     except optuna.TrialPruned:
         attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
-                      ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values)})
+                      ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values),
+                      ATTR_FEATURE_CACHE: cache_info.get("feature_cache"),
+                      ATTR_SHARED_FEATURES: cache_info.get("shared_features") or None})
         _set_attrs(trial, attrs)
         study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)
