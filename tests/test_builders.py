@@ -100,6 +100,19 @@ def test_cpu_trials_go_to_the_operators_cpu_pool_unless_the_spec_names_its_nodes
     assert {"key": "spot", "operator": "Exists"} not in on_gpu["spec"]["tolerations"]
 
 
+def test_only_studies_that_cache_frozen_features_mount_the_nodes_shared_feature_cache():
+    settings = OperatorSettings(feature_cache_volume={"persistentVolumeClaim": {"claimName": "features"}})
+    sharing = pod(spec(), layers=2, settings=settings)
+    without_cache = pod(spec(reuse={"cacheFrozenFeatures": False}), layers=2, settings=settings)
+    without_setting = pod(spec(), layers=2)
+
+    assert {"name": "features", "persistentVolumeClaim": {"claimName": "features"}} in sharing["spec"]["volumes"]
+    assert {"name": "STRATA_FEATURE_CACHE_DIR", "value": "/var/cache/strata-features"} in container(sharing)["env"]
+    for other in (without_cache, without_setting):
+        assert [v["name"] for v in other["spec"]["volumes"]] == ["tmp"]
+        assert "STRATA_FEATURE_CACHE_DIR" not in {e["name"] for e in container(other)["env"]}
+
+
 def test_builders_do_not_change_the_spec_they_read():
     study = gpu_spec()
     before = study.model_dump()

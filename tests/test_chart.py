@@ -170,6 +170,10 @@ BAD_VALUES = {
     "bad bucket name": {"minio": {"bucket": "Not_A_Bucket"}},
     "endpoint without scheme": {"externalObjectStore": {"endpoint": "minio:9000"}},
     "bad gpu toleration": {"trainer": {"gpuTolerations": [{"operator": "Maybe"}]}},
+    "per-pod feature cache volume": {"trainer": {"featureCacheVolume": {"emptyDir": {}}}},
+    "two feature cache volumes": {"trainer": {"featureCacheVolume": {"hostPath": {"path": "/a"},
+                                                                       "persistentVolumeClaim": {"claimName": "b"}}}},
+    "zero feature cache bytes": {"trainer": {"featureCacheBytes": 0}},
 }
 
 
@@ -311,6 +315,26 @@ def test_node_pools_from_the_values_place_cpu_and_gpu_trainer_pods() -> None:
     assert placement(3) == ({"pool": "gpu"}, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     assert not any(n.startswith(("STRATA_GPU", "STRATA_CPU_N", "STRATA_CPU_T"))
                    for n in env_of(operator_container(manifests())))
+
+
+def test_a_node_shared_feature_cache_volume_reaches_the_trainer_pods() -> None:
+    from strata.kube.reconcile import settings_from_env
+
+    volume = {"hostPath": {"path": "/var/cache/strata-features", "type": "DirectoryOrCreate"}}
+    env = env_of(operator_container(manifests({"trainer": {"featureCacheVolume": volume,
+                                                           "featureCacheBytes": 8589934592}})))
+    settings = settings_from_env({n: e["value"] for n, e in env.items() if "value" in e})
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    pod = builders.build_trial_pod(name="s", namespace=NAMESPACE, uid="uid-1", number=0,
+                                   params={"convLayers": 2}, spec=spec, settings=settings)
+
+    trainer = pod["spec"]["containers"][0]
+    assert {"name": "features", **volume} in pod["spec"]["volumes"]
+    assert {"name": "features", "mountPath": "/var/cache/strata-features"} in trainer["volumeMounts"]
+    trainer_env = {e["name"]: e.get("value") for e in trainer["env"]}
+    assert trainer_env["STRATA_FEATURE_CACHE_DIR"] == "/var/cache/strata-features"
+    assert trainer_env["STRATA_FEATURE_CACHE_BYTES"] == "8589934592"
+    assert "STRATA_FEATURE_CACHE_VOLUME" not in env_of(operator_container(manifests()))
 
 
 @pytest.mark.parametrize("case", ["bundled-services", "external-services", "everything"])

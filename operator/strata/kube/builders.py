@@ -18,6 +18,7 @@ LABEL_COMPONENT = "app.kubernetes.io/component"
 ANNOTATION_REPORTED = f"{API_GROUP}/reported"
 TRAINER_COMMAND = ["python", "-m", "strata_trainer"]  # the trainer image's entrypoint module
 TRAINER_UID = 1000
+FEATURE_CACHE_MOUNT = "/var/cache/strata-features"
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,10 @@ class OperatorSettings:
     # The cluster's CPU pool, for CPU trials of studies whose spec.trainer names no nodeSelector/tolerations.
     cpu_node_selector: dict[str, str] = field(default_factory=dict)
     cpu_tolerations: tuple[Toleration, ...] = ()
+    # A volume source (hostPath, persistentVolumeClaim...) shared by the trainer pods of a node: trials
+    # reusing the same donor read its frozen outputs there instead of computing them (strata_trainer.features).
+    feature_cache_volume: dict[str, Any] = field(default_factory=dict)
+    feature_cache_bytes: int | None = None
 
 
 def optuna_study_name(namespace: str, name: str) -> str:
@@ -103,6 +108,14 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
         {"name": "STRATA_DATA_CACHE", "value": "/tmp/datasets"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    if settings.feature_cache_volume and spec.reuse.enabled and spec.reuse.cache_frozen_features:
+        env.append({"name": "STRATA_FEATURE_CACHE_DIR", "value": FEATURE_CACHE_MOUNT})
+        if settings.feature_cache_bytes:
+            env.append({"name": "STRATA_FEATURE_CACHE_BYTES", "value": str(settings.feature_cache_bytes)})
+        mounts.append({"name": "features", "mountPath": FEATURE_CACHE_MOUNT})
+        volumes.append({"name": "features", **settings.feature_cache_volume})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
         "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
@@ -117,9 +130,9 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
             "resources": resources,
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
                                 "capabilities": {"drop": ["ALL"]}},
-            "volumeMounts": [{"name": "tmp", "mountPath": "/tmp"}],
+            "volumeMounts": mounts,
         }],
-        "volumes": [{"name": "tmp", "emptyDir": {}}],
+        "volumes": volumes,
     }
     if node_selector:
         pod_spec["nodeSelector"] = node_selector
