@@ -110,7 +110,8 @@ def cmd_run(args: argparse.Namespace) -> int:
     parallel = spec.trials.parallel
     log_dir = Path(args.logs or Path(args.study_file).resolve().parent / f"{name}.logs")
     # Trials on this machine share their frozen-prefix outputs (trainer: strata_trainer.features).
-    features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or str(Path(args.study_file).resolve().parent / f"{name}.features")
+    features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or \
+        str(Path(args.study_file).resolve().parent / f"{name}.features")
     executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, max(1, cores // parallel),
                                     env={"STRATA_FEATURE_CACHE_DIR": features})
     display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
