@@ -101,8 +101,10 @@ class FeatureCache:
             self._array = array
         elif isinstance(array, torch.Tensor):
             self._tensor = array
-        else:
+        elif isinstance(array, np.memmap):
             self._tensor = torch.from_numpy(np.array(array))  # into memory, off the file
+        else:
+            self._tensor = torch.from_numpy(array)  # already read into memory: no second copy
 
     def take(self, index: torch.Tensor) -> torch.Tensor:
         if self.mode == "disk":
