@@ -335,6 +335,7 @@ def test_a_node_shared_feature_cache_volume_reaches_the_trainer_pods() -> None:
     assert trainer_env["STRATA_FEATURE_CACHE_DIR"] == "/var/cache/strata-features"
     assert trainer_env["STRATA_FEATURE_CACHE_BYTES"] == "8589934592"
     assert "STRATA_FEATURE_CACHE_VOLUME" not in env_of(operator_container(manifests()))
+    assert "share frozen-layer outputs" in render({"trainer": {"featureCacheVolume": volume}})["strata/templates/NOTES.txt"]
 
 
 @pytest.mark.parametrize("case", ["bundled-services", "external-services", "everything"])
