@@ -183,6 +183,9 @@ def test_deeper_trials_reuse_the_layers_of_shallower_ones(finished_study):
         # the frozen outputs went to (or came from) the machine's shared folder next to the study
         assert (trial["feature_cache"], trial["shared_features"]) in {("float32", "stored"), ("float32", "hit")}
     assert list((finished_study["directory"] / "tiny.features").glob("*.npy"))
+    hits = sum(1 for t in trials if t["shared_features"] == "hit")
+    assert finished_study["report"]["summary"]["shared_feature_hits"] == hits
+    assert f"{hits} read frozen outputs another trial computed" in finished_study["result"].stdout
     assert finished_study["report"]["summary"]["reused_layers"] == sum(t["reused_layers"] for t in reusing)
 
 

@@ -197,6 +197,7 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "complete": progress.complete, "pruned": progress.pruned, "failed": progress.failed,
             "reused_trials": progress.reused_trials, "reused_layers": progress.reused_layers,
             "reuse_rate": round(progress.reuse_rate, 4), "seconds_saved_estimate": round(progress.seconds_saved, 2),
+            "shared_feature_hits": sum(1 for t in trials if t["shared_features"] == "hit"),
             "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         },
         "trials": trials,
@@ -216,7 +217,8 @@ def print_summary(report: dict[str, Any], out) -> None:
     s = report["summary"]
     out.write(f"\n{report['study']}: {report['phase']}; {s['complete']} complete, {s['pruned']} pruned, "
               f"{s['failed']} failed; reuse {s['reuse_rate']:.0%} of trials ({s['reused_layers']} layers), "
-              f"~{s['seconds_saved_estimate']:.0f} s saved\n")
+              f"~{s['seconds_saved_estimate']:.0f} s saved; {s['shared_feature_hits']} read frozen outputs another "
+              f"trial computed\n")
     if report["best"]:
         b = report["best"]
         out.write(f"best: trial {b['number']} value {b['value']:.4f} params {json.dumps(b['params'])}\n")
