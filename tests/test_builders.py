@@ -113,6 +113,25 @@ def test_only_studies_that_cache_frozen_features_mount_the_nodes_shared_feature_
         assert "STRATA_FEATURE_CACHE_DIR" not in {e["name"] for e in container(other)["env"]}
 
 
+def test_the_gpu_example_sends_only_its_deep_wide_trials_to_the_gpu_pool():
+    from pathlib import Path
+
+    from strata.spec import load_study_file
+
+    study = load_study_file(Path(__file__).resolve().parents[1] / "examples" / "cifar10-gpu.yaml").spec
+    settings = OperatorSettings(gpu_node_selector={"pool": "gpu"}, cpu_node_selector={"pool": "cpu"})
+
+    def placement(layers: int, filters: int) -> tuple[dict, str | None]:
+        manifest = build_trial_pod(name="cifar10-gpu", namespace="ml", uid=UID, number=1, spec=study,
+                                   params={"convLayers": layers, "filters": filters}, settings=settings)
+        return manifest["spec"].get("nodeSelector"), container(manifest)["resources"]["limits"].get("nvidia.com/gpu")
+
+    assert placement(3, 64) == ({"pool": "gpu"}, "1")
+    assert placement(3, 48) == ({"pool": "gpu"}, "1")
+    assert placement(3, 32) == ({"pool": "cpu"}, None)
+    assert placement(2, 64) == ({"pool": "cpu"}, None)
+
+
 def test_builders_do_not_change_the_spec_they_read():
     study = gpu_spec()
     before = study.model_dump()
