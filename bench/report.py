@@ -192,7 +192,7 @@ def breakdown_table(arms: dict[str, Any]) -> str:
             f"| {arm} | {m['total_seconds']:.1f} | {b['donor_lookup_and_load']:.1f} | {b['feature_cache']:.1f} "
             f"| {b['epochs']:.1f} | {b['publish']:.1f} | {b['other']:.1f} | {m['epochs_run']} "
             f"| {m['seconds_per_epoch']:.3f} | {m['stopped_early']} | {m['reused']}/{m['configs']} "
-            f"| {m.get('shared_feature_hits', 0)}/{m['configs']} |"
+            f"| {m['shared_feature_hits']}/{m['configs']} |"
         )
     return "\n".join(rows)
 

@@ -15,10 +15,11 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
 from strata.architecture import PrefixSignature
-from strata.objectstore import ObjectNotFound, ObjectStore, ObjectStoreError
+from strata.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError
 
 log = logging.getLogger(__name__)
 ROOT = "layers"
@@ -72,22 +73,22 @@ class LayerRegistry:
 
     def donors(self, signature: PrefixSignature) -> list[DonorMeta]:
         """Every committed entry for this signature (entries without meta.json are invisible)."""
-        donors = []
-        for info in self.store.list(f"{ROOT}/{signature.key}/"):
-            if not info.key.endswith("/meta.json"):
-                continue
-            cached = self._metas.get((info.key, info.size))
-            if cached is not None:
-                donors.append(cached)
-                continue
-            try:
-                meta = DonorMeta(**json.loads(self.store.get_bytes(info.key)))
-            except (ObjectNotFound, ValueError, TypeError) as error:
-                log.warning("skipping unreadable donor metadata %s: %s", info.key, error)
-                continue
-            self._metas[(info.key, info.size)] = meta
-            donors.append(meta)
-        return donors
+        metas = (self._meta(info) for info in self.store.list(f"{ROOT}/{signature.key}/")
+                 if info.key.endswith("/meta.json"))
+        return [meta for meta in metas if meta is not None]
+
+    def _meta(self, info: ObjectInfo) -> DonorMeta | None:
+        """A committed entry's metadata, read once per process (None if unreadable)."""
+        cached = self._metas.get((info.key, info.size))
+        if cached is not None:
+            return cached
+        try:
+            meta = DonorMeta(**json.loads(self.store.get_bytes(info.key)))
+        except (ObjectNotFound, ValueError, TypeError) as error:
+            log.warning("skipping unreadable donor metadata %s: %s", info.key, error)
+            return None
+        self._metas[(info.key, info.size)] = meta
+        return meta
 
     def best_donor(self, signature: PrefixSignature, min_epochs: int = 1,
                    exclude: set[str] | None = None) -> DonorMeta | None:
@@ -108,36 +109,23 @@ class LayerRegistry:
 
     def usage(self, study: str | None = None) -> tuple[int, int]:
         """(objects, bytes) of the weights in the registry, or of those one study published."""
-        objects = size = 0
-        entries = self._entries_of(study) if study is not None else None
-        for info in self.store.list(f"{ROOT}/"):
-            if info.key.endswith("/weights.pt") and (entries is None or info.key.rsplit("/", 1)[0] in entries):
-                objects += 1
-                size += info.size
-        return objects, size
+        listing = list(self.store.list(f"{ROOT}/"))
+        entries = self._entries_of(study, listing) if study is not None else None
+        weights = [info for info in listing if info.key.endswith("/weights.pt")
+                   and (entries is None or info.key.rsplit("/", 1)[0] in entries)]
+        return len(weights), sum(info.size for info in weights)
 
     def remove_study(self, study: str) -> int:
         """Delete the entries a study published (meta.json first: a half-removed entry is invisible)."""
-        entries = self._entries_of(study)
+        entries = self._entries_of(study, self.store.list(f"{ROOT}/"))
         for entry in sorted(entries):
             self.store.delete(f"{entry}/meta.json")
             self.store.delete(f"{entry}/weights.pt")
         return len(entries)
 
-    def _entries_of(self, study: str) -> set[str]:
+    def _entries_of(self, study: str, listing: Iterable[ObjectInfo]) -> set[str]:
         # Entry names start with "<study>-t"; the metadata decides (another study's name may share that start).
-        entries = set()
-        for info in self.store.list(f"{ROOT}/"):
-            entry, _, leaf = info.key.rpartition("/")
-            if leaf != "meta.json" or not entry.rsplit("/", 1)[-1].startswith(f"{study}-t"):
-                continue
-            meta = self._metas.get((info.key, info.size))
-            if meta is None:
-                try:
-                    meta = DonorMeta(**json.loads(self.store.get_bytes(info.key)))
-                except (ObjectNotFound, ValueError, TypeError):
-                    continue
-                self._metas[(info.key, info.size)] = meta
-            if meta.study == study:
-                entries.add(entry)
-        return entries
+        candidates = [info for info in listing if info.key.endswith("/meta.json")
+                      and info.key.rsplit("/", 2)[-2].startswith(f"{study}-t")]
+        return {info.key.rsplit("/", 1)[0] for info in candidates
+                if (meta := self._meta(info)) is not None and meta.study == study}

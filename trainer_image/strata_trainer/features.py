@@ -103,7 +103,7 @@ class SharedFeatureStore:
     def discard(self, partial: Path) -> None:
         _remove(partial)
 
-    def evict(self, keep: Path | None = None) -> list[str]:
+    def evict(self, keep: Path | None = None) -> None:
         """Remove least recently used files until the folder fits `max_bytes` (a file being read stays readable)."""
         entries = []
         for path in self.root.glob(f"*{SUFFIX}"):
@@ -113,7 +113,6 @@ class SharedFeatureStore:
                 continue
             entries.append((stat.st_mtime, stat.st_size, path))
         total = sum(size for _, size, _ in entries)
-        removed = []
         for _, size, path in sorted(entries, key=lambda entry: entry[0]):
             if total <= self.max_bytes:
                 break
@@ -121,8 +120,6 @@ class SharedFeatureStore:
                 continue
             _remove(path)
             total -= size
-            removed.append(path.name)
-        return removed
 
 
 def _remove(path: Path) -> None:

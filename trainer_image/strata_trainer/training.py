@@ -68,14 +68,15 @@ class FeatureCache:
         dtype = torch.float16 if mode in ("float16", "disk") else torch.float32
         np_dtype = np.dtype(np.float16 if dtype == torch.float16 else np.float32)
         self._file = None
-        key = shared.key(prefix_digest, k, split.x, split.y, np_dtype.name) if shared is not None else ""
+        key, target = "", None
         if shared is not None:
+            key = shared.key(prefix_digest, k, split.x, split.y, np_dtype.name)
             found = shared.load(key, shape, np_dtype, mmap=mode == "disk")
             if found is not None:
                 self.shared = "hit"
                 self._keep(found)
                 return
-        target = shared.new_file(key, shape, np_dtype) if shared is not None else None
+            target = shared.new_file(key, shape, np_dtype)
         if target is not None:
             array = target[0]
         elif mode == "disk":

@@ -236,7 +236,7 @@ class StudyService:
 
     def _registry_for(self, namespace: str, spec: StudySpec) -> LayerRegistry | None:
         location = spec.storage.checkpoints or self.settings.checkpoints
-        if not location or not spec.reuse.enabled:
+        if not location:
             return None
         credentials = None
         secret = spec.storage.object_store_secret or self.settings.object_store_secret
@@ -272,7 +272,8 @@ class StudyService:
         study = cached.study if cached is not None else create_or_load_study(pinned, key, storage)
         if cached is not None:
             create_or_load_study(pinned, key, storage)  # records the changed spec (live update)
-        scheduler = TrialScheduler(study, pinned, self._registry_for(namespace, spec))
+        registry = self._registry_for(namespace, spec) if spec.reuse.enabled else None
+        scheduler = TrialScheduler(study, pinned, registry)
         runtime = StudyRuntime(spec_json, study, scheduler)
         self._studies[key] = runtime
         return runtime
@@ -392,8 +393,7 @@ class StudyService:
             except (KeyError, SecretMissing, StorageError) as error:
                 log.warning("could not delete Optuna study of %s/%s: %s", namespace, name, error)
             try:  # only this study's layers: other studies' donors stay
-                registry = self._registry_for(namespace, spec.model_copy(
-                    update={"reuse": spec.reuse.model_copy(update={"enabled": True})}))
+                registry = self._registry_for(namespace, spec)
                 removed = registry.remove_study(study_name) if registry is not None else 0
                 log.info("removed %d checkpoint(s) of %s", removed, study_name)
             except (SecretMissing, ObjectStoreError) as error:
