@@ -290,22 +290,25 @@ def test_the_status_of_a_10000_trial_study_is_small_and_has_no_per_trial_lists()
             return [p for k, v in value.items() for p in lists(v, f"{path}.{k}")]
         return [path] if isinstance(value, list) else []
 
-    assert lists(status) == [".conditions"] and len(status["conditions"]) == 4
+    assert lists(status) == [".conditions"] and len(status["conditions"]) == 5  # Ready Running Complete Failed Degraded
     assert status["completed"] == "9950/10000" and status["trials"]["running"] == 8
     assert status["best"]["number"] == 1234 and status["reuse"]["trials"] == 7000
     assert status["phase"] == "Running" and status["observedGeneration"] == 2
 
 
 @pytest.mark.parametrize("phase, reason, conditions", [
-    ("Running", "TrialsRunning", {"Ready": "True", "Running": "True", "Complete": "False", "Failed": "False"}),
-    ("Succeeded", "MaxTrialsReached", {"Ready": "True", "Running": "False", "Complete": "True", "Failed": "False"}),
-    ("Failed", "FailureBudgetExceeded", {"Ready": "True", "Running": "False", "Complete": "False", "Failed": "True"}),
+    ("Running", "TrialsRunning", {"Ready": "True", "Running": "True", "Complete": "False", "Failed": "False",
+                                  "Degraded": "False"}),
+    ("Succeeded", "MaxTrialsReached", {"Ready": "True", "Running": "False", "Complete": "True", "Failed": "False",
+                                       "Degraded": "False"}),
+    ("Failed", "FailureBudgetExceeded", {"Ready": "True", "Running": "False", "Complete": "False", "Failed": "True",
+                                         "Degraded": "False"}),
 ])
 def test_the_conditions_follow_the_outcome(phase, reason, conditions):
     outcome = Outcome(phase != "Running", phase, reason, "m")
     status = build_status({}, Progress(), outcome, max_trials=4, optuna_name="ns.s", generation=1)
     assert {c["type"]: c["status"] for c in status["conditions"]} == conditions
-    assert status["best"] is None
+    assert "best" not in status  # unset fields are left out, never sent as null
     if phase == "Failed":
         failed = next(c for c in status["conditions"] if c["type"] == "Failed")
         assert failed["reason"] == "FailureBudgetExceeded"

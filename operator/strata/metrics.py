@@ -38,6 +38,8 @@ class StudySnapshot:
     max_trials: int | None = None
     registry_objects: int | None = None
     registry_bytes: int | None = None
+    dependencies_up: dict[str, bool] = field(default_factory=dict)  # database, registry, kubernetes
+    dependency_failures: dict[str, int] = field(default_factory=dict)  # failed calls or probes, ever
 
 
 class StrataMetrics:
@@ -111,6 +113,10 @@ class _SnapshotCollector:
                                             "Donor checkpoints that trainers refused or could not load.", labels=labels)
         objects = GaugeMetricFamily("strata_registry_objects", "Checkpoints this study published to the layer registry.", labels=labels)
         size = GaugeMetricFamily("strata_registry_bytes", "Bytes of the checkpoints this study published to the layer registry.", labels=labels)
+        up = GaugeMetricFamily("strata_dependency_up", "1 while the study's dependency answers (database, registry, "
+                               "kubernetes), 0 during an outage.", labels=labels + ["dependency"])
+        down_calls = CounterMetricFamily("strata_dependency_failures", "Calls or probes of a dependency that failed.",
+                                         labels=labels + ["dependency"])
         duration = HistogramMetricFamily("strata_trial_duration_seconds", "Training seconds of finished trials.",
                                          labels=labels)
         counts = {p: 0 for p in PHASES}
@@ -136,10 +142,13 @@ class _SnapshotCollector:
                 objects.add_metric(key, s.registry_objects)
                 size.add_metric(key, s.registry_bytes or 0)
             duration.add_metric(key, _buckets(s.durations), sum_value=sum(s.durations))
+            for dependency, answers in s.dependencies_up.items():
+                up.add_metric(key + [dependency], 1.0 if answers else 0.0)
+                down_calls.add_metric(key + [dependency], s.dependency_failures.get(dependency, 0))
         for p, n in counts.items():
             by_phase.add_metric([p], n)
         yield from (by_phase, phase, trials, retries, current, best, max_trials, reused_trials, reused_layers, saved, load_failures,
-                    objects, size, duration)
+                    objects, size, duration, up, down_calls)
 
 
 def _buckets(values: list[float]) -> list[tuple[str, float]]:

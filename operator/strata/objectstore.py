@@ -40,12 +40,29 @@ class ObjectStore(Protocol):
     def get_bytes(self, key: str) -> bytes: ...
     def list(self, prefix: str = "") -> Iterator[ObjectInfo]: ...
     def delete(self, key: str) -> None: ...
+    def ping(self) -> None: ...  # raises ObjectStoreError when the store cannot be reached
+    def check_writable(self) -> None: ...  # raises ObjectStoreError unless an object can be written
+
+
+PROBE_KEY = ".strata-write-probe"
 
 
 class LocalFolderStore:
     def __init__(self, root: str | Path):
         self.root = Path(root)
         self.url = str(self.root)
+
+    def ping(self) -> None:
+        if not self.root.is_dir():
+            raise ObjectStoreError(f"{self.root}: not a directory")
+
+    def check_writable(self) -> None:
+        try:
+            self.root.mkdir(parents=True, exist_ok=True)
+        except OSError as error:
+            raise ObjectStoreError(f"{self.root}: cannot create the folder ({error.strerror or error})") from None
+        self.put_bytes(PROBE_KEY, b"")
+        self.delete(PROBE_KEY)
 
     def _path(self, key: str) -> Path:
         if not key.strip("/"):
@@ -141,6 +158,19 @@ class S3Store:
 
     def _key(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def ping(self) -> None:
+        try:
+            found = self.client.bucket_exists(self.bucket)
+        except Exception as error:
+            raise ObjectStoreError(f"object store {self.url}: {error}") from error
+        if not found:
+            raise ObjectStoreError(f"object store {self.url}: bucket {self.bucket} does not exist")
+
+    def check_writable(self) -> None:
+        self.ping()
+        self.put_bytes(PROBE_KEY, b"")
+        self.delete(PROBE_KEY)
 
     def put_bytes(self, key: str, data: bytes) -> None:
         try:

@@ -19,7 +19,6 @@ Reuse-aware policy (the paper's future work, made concrete):
 from __future__ import annotations
 
 import logging
-import math
 import time
 from dataclasses import dataclass, field
 from typing import Any, Iterable
@@ -29,6 +28,7 @@ from optuna.trial import FrozenTrial, TrialState
 
 from strata.architecture import architecture_from_params
 from strata.registry import LayerRegistry
+from strata.sampling import params_key as _params_key
 from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
@@ -103,6 +103,7 @@ class TrialScheduler:
         self.registry = registry
         self._distributions = distributions(spec)
         self._known_donors: set[str] = set()  # signature keys seen in the registry (entries never vanish)
+        self.registry_error: str | None = None  # the last registry failure while planning (None: reachable)
 
     def update_spec(self, spec: StudySpec) -> None:
         self.spec = spec
@@ -330,8 +331,11 @@ class TrialScheduler:
         try:
             found = self.registry.has_donor(signature, self.spec.reuse.min_donor_epochs)
         except ObjectStoreError as error:
-            log.warning("layer registry unreachable (%s): scheduling without reuse", error)
+            if self.registry_error is None:
+                log.warning("layer registry unreachable (%s): scheduling without reuse", error)
+            self.registry_error = str(error)
             return True  # do not hold trials back for a store nobody can reach
+        self.registry_error = None
         if found:
             self._known_donors.add(signature.key)
         return found
@@ -407,13 +411,3 @@ class TrialScheduler:
 def _counts_towards_max(t: FrozenTrial) -> bool:
     # Retries re-run a configuration; an enqueued trial (WAITING) counts once it is asked.
     return ATTR_RETRY_OF not in t.user_attrs and t.state != TrialState.WAITING
-
-
-def _params_key(params: dict[str, Any]) -> tuple:
-    return tuple(sorted((k, _normalise(v)) for k, v in params.items()))
-
-
-def _normalise(value: Any) -> Any:
-    if isinstance(value, float) and math.isfinite(value):
-        return round(value, 12)
-    return value

@@ -6,6 +6,7 @@ storage URL, the study name and a trial number to run a trial.
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import logging
 import warnings
@@ -15,10 +16,11 @@ from typing import Any
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
 
-from strata.spec import CategoricalParam, FloatParam, IntParam, StudySpec, parse_spec, spec_to_json
+from strata.spec import CategoricalParam, FloatParam, IntParam, SpecError, StudySpec, parse_spec, spec_to_json
 
 log = logging.getLogger(__name__)
 SPEC_ATTR = "strata.spec"
+GRID_LIMIT = 100_000  # finite spaces up to this size get untried points drawn from them
 GP_TRIAL_CAP = 300  # GPSampler's ask grows ~N^2.5 (2.6 s at 1,000 trials on 2 cores)
 
 # Trial user attrs written by the trainer and read by the CLI, the operator and the metrics.
@@ -42,33 +44,67 @@ class StorageError(RuntimeError):
 
 
 def open_storage(url: str) -> optuna.storages.BaseStorage:
-    """sqlite:///, postgresql+psycopg2://, mysql://... or journal:///path/to/file."""
+    """sqlite:///, postgresql+psycopg2://, mysql://... or journal:///path/to/file.
+
+    A database server that does not answer fails within STRATA_DB_CONNECT_TIMEOUT seconds (default
+    5; 0: the driver's own, none). Error messages never carry the URL's password.
+    """
+    import os
+
+    from strata.redaction import redact as redact_url, scrub
+
     try:
         if url.startswith("journal://"):
             from optuna.storages.journal import JournalFileBackend, JournalStorage
 
             path = Path(url[len("journal://"):])
             if not path.parent.is_dir():
-                raise StorageError(f"journal storage {url}: directory {path.parent} does not exist")
+                raise StorageError(f"journal storage {redact_url(url)}: directory {path.parent} does not exist")
             return JournalStorage(JournalFileBackend(str(path)))
+        engine_kwargs: dict[str, Any] = {"pool_pre_ping": True}
+        raw_timeout = os.environ.get("STRATA_DB_CONNECT_TIMEOUT", "").strip() or "5"
+        try:
+            timeout = max(0, int(-(-float(raw_timeout) // 1)))  # whole seconds, rounded up (libpq's unit)
+        except ValueError:
+            raise StorageError(f"STRATA_DB_CONNECT_TIMEOUT: not a number of seconds: {raw_timeout!r}") from None
+        try:
+            from sqlalchemy.engine import make_url
+
+            parsed = make_url(url)
+            backend, driver = parsed.get_backend_name(), parsed.get_driver_name()
+        except Exception:
+            parsed = None  # RDBStorage reports the bad URL below
+        if parsed is not None and timeout:
+            # Driver keyword for "give up connecting after N s"; a value in the URL's query wins.
+            option = {("postgresql", "psycopg2"): "connect_timeout", ("postgresql", "psycopg"): "connect_timeout",
+                      ("postgresql", "pg8000"): "timeout", ("mysql", "pymysql"): "connect_timeout",
+                      ("mysql", "mysqldb"): "connect_timeout", ("mariadb", "pymysql"): "connect_timeout",
+                      ("mariadb", "mysqldb"): "connect_timeout",
+                      ("mysql", "mysqlconnector"): "connection_timeout"}.get((backend, driver))
+            if option and option not in parsed.query:
+                engine_kwargs["connect_args"] = {option: timeout}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs={"pool_pre_ping": True}, skip_compatibility_check=False)
-    except StorageError:
-        raise
+            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+    except StorageError as error:
+        if scrub(str(error), url) == str(error):
+            raise
+        raise StorageError(scrub(str(error), url)) from None
     except Exception as error:  # SQLAlchemy, driver and file errors all mean the same to the user
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise StorageError(f"cannot open Optuna storage {redact(url)}: {first}") from error
+        text = str(error).strip()
+        first = text.splitlines()[0] if text else type(error).__name__
+        # The driver or SQLAlchemy may echo the URL or its parts: scrub them from the one line.
+        raise StorageError(scrub(f"cannot open Optuna storage {redact_url(url)}: {first}", url)) from error
 
 
 def redact(url: str) -> str:
-    """Hide a password in a database URL before it reaches a log, an Event or a status."""
-    if "://" in url and "@" in url:
-        scheme, rest = url.split("://", 1)
-        creds, host = rest.rsplit("@", 1)
-        user = creds.split(":", 1)[0]
-        return f"{scheme}://{user}:***@{host}"
-    return url
+    """Hide a password in a database URL before it reaches a log, an Event or a status.
+
+    An alias of strata.redaction.redact (SQLAlchemy's parsing; secret query parameters masked too).
+    """
+    from strata.redaction import redact as redact_url
+
+    return redact_url(url)
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
@@ -84,29 +120,46 @@ def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:
 
 
 def build_sampler(spec: StudySpec) -> optuna.samplers.BaseSampler:
+    """The spec's sampler, wrapped so restarts never replay it and proposals stay distinct (strata.sampling)."""
+    from strata.sampling import DistinctSampler
+
+    s = spec.sampler
+    if s.name == "gp" and importlib.util.find_spec("torch") is None:
+        raise SpecError("spec.sampler.name: gp needs PyTorch, which this process does not have (the operator "
+                        "image has no torch); use tpe, cmaes, qmc or random")
+    if s.name == "gp" and spec.trials.max > GP_TRIAL_CAP:
+        log.warning("GP sampler with %d trials: each ask grows ~N^2.5; consider tpe beyond %d",
+                    spec.trials.max, GP_TRIAL_CAP)
+    try:
+        grid = spec.grid() if spec.grid_size() <= GRID_LIMIT else None
+    except SpecError:  # a float range without step: an infinite space
+        grid = None
+    # QMC's low-discrepancy sequence is fixed by one seed; its position is kept in the study itself.
+    return DistinctSampler(lambda seed: _inner_sampler(spec, seed), distributions(spec), s.seed, grid,
+                           reseed=s.name != "qmc")
+
+
+def _inner_sampler(spec: StudySpec, seed: int | None) -> optuna.samplers.BaseSampler:
     s = spec.sampler
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
         if s.name == "tpe":
-            kwargs: dict[str, Any] = {"seed": s.seed, "multivariate": True, "constant_liar": True}
+            kwargs: dict[str, Any] = {"seed": seed, "multivariate": True, "constant_liar": True}
             if s.startup_trials is not None:
                 kwargs["n_startup_trials"] = s.startup_trials
             return optuna.samplers.TPESampler(**kwargs)
         if s.name == "random" or s.name == "grid":
             # Grid points are enqueued by the scheduler (smaller depths first); nothing is sampled.
-            return optuna.samplers.RandomSampler(seed=s.seed)
+            return optuna.samplers.RandomSampler(seed=seed)
         if s.name == "cmaes":
-            return optuna.samplers.CmaEsSampler(seed=s.seed, warn_independent_sampling=False)
+            return optuna.samplers.CmaEsSampler(seed=seed, warn_independent_sampling=False)
         if s.name == "gp":
-            if spec.trials.max > GP_TRIAL_CAP:
-                log.warning("GP sampler with %d trials: each ask grows ~N^2.5; consider tpe beyond %d",
-                            spec.trials.max, GP_TRIAL_CAP)
-            kwargs = {"seed": s.seed}
+            kwargs = {"seed": seed}
             if s.startup_trials is not None:
                 kwargs["n_startup_trials"] = s.startup_trials
             return optuna.samplers.GPSampler(**kwargs)
         if s.name == "qmc":
-            return optuna.samplers.QMCSampler(seed=s.seed, warn_independent_sampling=False)
+            return optuna.samplers.QMCSampler(seed=seed, warn_independent_sampling=False)
     raise ValueError(f"unknown sampler {s.name}")
 
 

@@ -1,7 +1,8 @@
 """Kubernetes adapter: the only module that talks to the API server (pods, secrets).
 
 Every verb used here is listed in the Helm chart's RBAC rules (a test checks they agree):
-pods: list, create, delete, patch; secrets: get. Events and the HPOStudy itself go through Kopf.
+pods: list, create, delete, patch; secrets: get; events: create (named once per happening, so a
+second post is a 409 and nothing is posted twice). The HPOStudy itself goes through Kopf.
 """
 
 from __future__ import annotations
@@ -16,7 +17,8 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger(__name__)
 
 # (resource, verb) pairs this module calls: the RBAC test reads this.
-VERBS_USED = {("pods", "list"), ("pods", "create"), ("pods", "delete"), ("pods", "patch"), ("secrets", "get")}
+VERBS_USED = {("pods", "list"), ("pods", "create"), ("pods", "delete"), ("pods", "patch"), ("secrets", "get"),
+              ("events", "create")}
 
 
 class SecretMissing(LookupError):
@@ -37,6 +39,16 @@ class KubeApi:
     def list_pods(self, namespace: str, selector: str) -> list[dict[str, Any]]:
         pods = self.core.list_namespaced_pod(namespace, label_selector=selector)
         return [self.api_client.sanitize_for_serialization(p) for p in pods.items]
+
+    def create_event(self, body: dict[str, Any]) -> bool:
+        """Post an Event; False if one of that name exists already (it was posted before a restart)."""
+        try:
+            self.core.create_namespaced_event(body["metadata"]["namespace"], body)
+            return True
+        except ApiException as error:
+            if error.status == 409:
+                return False
+            raise
 
     def create_pod(self, body: dict[str, Any]) -> bool:
         """False if a pod of that name exists already (a reconcile after a restart)."""
@@ -72,4 +84,15 @@ class KubeApi:
         data = secret.data or {}
         if key not in data:
             raise SecretMissing(f"Secret {namespace}/{name} has no key {key!r}")
+        # The log filter (strata.redaction.SecretFilter) hides every value this read brought in (the
+        # response carries all keys): decoded (with a URL's password) and base64 as in the body.
+        from strata.redaction import register_secret
+
+        for encoded in data.values():
+            if encoded:
+                register_secret(encoded)
+                try:
+                    register_secret(base64.b64decode(encoded).decode())
+                except ValueError:  # not text: its base64 form is registered
+                    pass
         return base64.b64decode(data[key]).decode()

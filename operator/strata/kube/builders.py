@@ -6,9 +6,11 @@ No Kubernetes API here: plain values in, plain dicts out, unit tested without a 
 from __future__ import annotations
 
 import datetime as dt
+import hashlib
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Sequence
 
+from strata.health import Outage
 from strata.scheduler import Outcome, Progress
 from strata.spec import API_GROUP, API_VERSION, KIND, SecretKeyRef, StudySpec, Toleration
 
@@ -46,12 +48,79 @@ def optuna_study_name(namespace: str, name: str) -> str:
     return f"{namespace}.{name}"
 
 
+# Pod names are kept to 63 characters (a pod's hostname is its name) and label values must be:
+# an HPOStudy's name may be a DNS subdomain of up to 253. Longer names are cut and made unique
+# again with a digest of the whole name, so two studies (or two trials) never share a pod name.
+NAME_LIMIT = 63
+EVENT_NAME_LIMIT = 253
+
+
+def _digest(text: str, length: int = 8) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:length]
+
+
+def _fit(text: str, limit: int, suffix: str = "") -> str:
+    """text + suffix within limit; when text must be cut, a digest of all of it keeps it unique."""
+    if len(text) + len(suffix) <= limit:
+        return text + suffix
+    head = text[:limit - len(suffix) - 9].rstrip("-.")
+    return f"{head}-{_digest(text)}{suffix}"
+
+
+def study_label(study: str) -> str:
+    """The value of the study label: the name itself when it fits a label value (63), else cut + digest."""
+    return _fit(study, NAME_LIMIT)
+
+
 def trial_pod_name(study: str, number: int) -> str:
-    return f"{study}-trial-{number}"[:63].rstrip("-")
+    return _fit(study, NAME_LIMIT, f"-trial-{number}")
 
 
 def study_selector(study: str) -> str:
-    return f"{LABEL_STUDY}={study}"
+    return f"{LABEL_STUDY}={study_label(study)}"
+
+
+def owned_by(obj: dict[str, Any], study: str) -> bool:
+    """The label selects by a (possibly cut) name: the owner reference names the study exactly."""
+    return any(ref.get("kind") == KIND and ref.get("name") == study
+               for ref in obj.get("metadata", {}).get("ownerReferences") or ())
+
+
+def omit_none(value: Any) -> Any:
+    """What a client sends the API: unset fields left out (an explicit null can fail an enum, a 422)."""
+    if isinstance(value, dict):
+        return {k: omit_none(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [omit_none(v) for v in value if v is not None]
+    return value
+
+
+def event_name(study: str, uid: str, key: str) -> str:
+    """A deterministic Event name per happening: posting it twice (a restart, two handlers) is a 409."""
+    return _fit(study, EVENT_NAME_LIMIT - 17, f".{_digest(uid + '/' + key, 16)}")
+
+
+def build_event(*, name: str, namespace: str, uid: str, type_: str, reason: str, message: str, key: str,
+                component: str = "strata-operator") -> dict[str, Any]:
+    """A core v1 Event about an HPOStudy, named by its happening (`key`) so it is posted once."""
+    stamp = now()
+    return {
+        "apiVersion": "v1",
+        "kind": "Event",
+        "metadata": {"name": event_name(name, uid, key), "namespace": namespace,
+                     "labels": {LABEL_STUDY: study_label(name)}},
+        "involvedObject": {"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
+                           "namespace": namespace, "uid": uid},
+        "type": type_,
+        "reason": reason,
+        "message": message[:1024],
+        "source": {"component": component},
+        "reportingComponent": component,
+        "reportingInstance": component,
+        "firstTimestamp": stamp,
+        "lastTimestamp": stamp,
+        "count": 1,
+    }
 
 
 def _toleration(t: Toleration) -> dict[str, Any]:
@@ -144,19 +213,19 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
         pod_spec["automountServiceAccountToken"] = False  # trainers never call the Kubernetes API
     if spec.trials.timeout_seconds:
         pod_spec["activeDeadlineSeconds"] = spec.trials.timeout_seconds + 60  # the operator stops it first
-    return {
+    return omit_none({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": trial_pod_name(name, number),
             "namespace": namespace,
-            "labels": {LABEL_STUDY: name, LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer",
+            "labels": {LABEL_STUDY: study_label(name), LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer",
                        "app.kubernetes.io/name": "strata-trainer", "app.kubernetes.io/managed-by": "strata"},
             "ownerReferences": [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
                                  "uid": uid, "controller": True, "blockOwnerDeletion": True}],
         },
         "spec": pod_spec,
-    }
+    })
 
 
 def now() -> str:
@@ -165,7 +234,7 @@ def now() -> str:
 
 def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, reason: str, message: str,
                   generation: int | None) -> list[dict[str, Any]]:
-    """Kubernetes convention: lastTransitionTime moves only when status flips."""
+    """Kubernetes convention: lastTransitionTime moves only when status flips; unset fields are left out."""
     value = "True" if status else "False"
     result, found = [], False
     for c in conditions or []:
@@ -174,15 +243,24 @@ def set_condition(conditions: list[dict[str, Any]], type_: str, status: bool, re
             changed = c.get("status") != value
             c = {**c, "status": value, "reason": reason, "message": message, "observedGeneration": generation,
                  "lastTransitionTime": now() if changed else c.get("lastTransitionTime", now())}
-        result.append(c)
+        result.append(omit_none(c))
     if not found:
-        result.append({"type": type_, "status": value, "reason": reason, "message": message,
-                       "observedGeneration": generation, "lastTransitionTime": now()})
+        result.append(omit_none({"type": type_, "status": value, "reason": reason, "message": message,
+                                 "observedGeneration": generation, "lastTransitionTime": now()}))
     return result
 
 
+def _degraded(conditions: list[dict[str, Any]], outages: Sequence[Outage], generation: int | None) -> list[dict[str, Any]]:
+    """Degraded=True while a dependency is down: which, since when, and the last error."""
+    if outages:
+        return set_condition(conditions, "Degraded", True, outages[0].reason,
+                             "; ".join(o.describe() for o in outages)[:1000], generation)
+    return set_condition(conditions, "Degraded", False, "DependenciesReachable",
+                         "the database, the layer registry and the Kubernetes API answer", generation)
+
+
 def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome, *, max_trials: int,
-                 optuna_name: str, generation: int | None) -> dict[str, Any]:
+                 optuna_name: str, generation: int | None, outages: Sequence[Outage] = ()) -> dict[str, Any]:
     """Small and bounded: counts, the best trial and reuse totals; never a per-trial list."""
     conditions = previous.get("conditions") or []
     conditions = set_condition(conditions, "Ready", True, "StudyReady", f"Optuna study {optuna_name}", generation)
@@ -193,8 +271,9 @@ def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome,
                                outcome.reason, outcome.message, generation)
     conditions = set_condition(conditions, "Failed", outcome.phase == "Failed", outcome.reason, outcome.message,
                                generation)
+    conditions = _degraded(conditions, outages, generation)
     best = progress.best
-    return {
+    return omit_none({
         "phase": outcome.phase,
         "message": outcome.message,
         "observedGeneration": generation,
@@ -208,10 +287,21 @@ def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome,
         "reuse": {"trials": progress.reused_trials, "layers": progress.reused_layers,
                   "secondsSaved": round(progress.seconds_saved, 1)},
         "conditions": conditions,
-    }
+    })
 
 
 def invalid_status(previous: dict[str, Any], reason: str, message: str, generation: int | None) -> dict[str, Any]:
     conditions = set_condition(previous.get("conditions") or [], "Ready", False, reason, message, generation)
-    return {"phase": "Invalid" if reason == "InvalidSpec" else "Error", "message": message,
-            "observedGeneration": generation, "conditions": conditions}
+    return omit_none({"phase": "Invalid" if reason == "InvalidSpec" else "Error", "message": message,
+                      "observedGeneration": generation, "conditions": conditions})
+
+
+def unreachable_status(previous: dict[str, Any], outage: Outage, generation: int | None) -> dict[str, Any]:
+    """The database is down: Ready=False and Degraded=True say so; the phase and counts stay as they were
+    (a study that never reached its database is in Error)."""
+    message = outage.describe()
+    conditions = set_condition(previous.get("conditions") or [], "Ready", False, outage.reason, message, generation)
+    conditions = _degraded(conditions, [outage], generation)
+    phase = previous.get("phase") if previous.get("phase") not in (None, "Invalid") else "Error"
+    return omit_none({**previous, "phase": phase, "message": message[:1000], "observedGeneration": generation,
+                      "conditions": conditions})

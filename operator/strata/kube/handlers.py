@@ -21,8 +21,25 @@ RECONCILE_SECONDS = float(os.environ.get("STRATA_RECONCILE_SECONDS", "5"))
 log = logging.getLogger("strata.operator")
 
 
+def _protect_secrets_in_logs() -> None:
+    """Never log a Secret's body. Kopf has configured logging by now (`--verbose` puts the root logger
+    at DEBUG, where the kubernetes client logs every response body, Secrets included): keep the
+    client's REST logger at INFO whatever the verbosity, and scrub every secret value the operator
+    reads (KubeApi.read_secret_key registers them) from every record the handlers format."""
+    from strata.redaction import install_log_filter, register_secret
+
+    for variable in ("STRATA_DATABASE_URL", "STRATA_S3_SECRET_KEY"):  # the operator's own credentials
+        register_secret(os.environ.get(variable, ""))
+    for name in ("kubernetes.client.rest", "kubernetes_asyncio.client.rest"):
+        rest = logging.getLogger(name)
+        if rest.level < logging.INFO:  # NOTSET (inherit the root's DEBUG) or DEBUG
+            rest.setLevel(logging.INFO)
+    install_log_filter("kopf.objects")  # the root's handlers, and Kopf's poster of log lines as Events
+
+
 @kopf.on.startup()
 def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
+    _protect_secrets_in_logs()
     settings.persistence.finalizer = FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=API_GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(prefix=API_GROUP, key="last-handled-configuration")
@@ -40,13 +57,9 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
 
 
 def _apply(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
+    # Events are already posted by the service, each named by its happening (so never twice).
     if result.status != dict(body.get("status") or {}):
         patch.status.update(result.status)
-    for type_, reason, message in result.events:
-        if type_ == "Warning":
-            kopf.warn(body, reason=reason, message=message)
-        else:
-            kopf.info(body, reason=reason, message=message)
 
 
 def _reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch) -> None:
@@ -64,7 +77,8 @@ def on_spec(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
     _reconcile(memo, body, patch)
 
 
-@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False)
+# backoff: an unexpected error retries at the reconcile pace, not after Kopf's default minute.
+@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False, backoff=RECONCILE_SECONDS)
 def on_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
     _reconcile(memo, body, patch)
 

@@ -16,9 +16,13 @@ from dataclasses import dataclass, field
 from typing import Any, Callable
 
 import optuna
+import sqlalchemy.exc
+from kubernetes.client.rest import ApiException
+from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
 from strata.executors import WorkerExit
+from strata.health import DATABASE, KUBERNETES, REGISTRY, DependencyHealth, Outage
 from strata.kube import builders
 from strata.kube.api import KubeApi, SecretMissing
 from strata.objectstore import ObjectStoreError, open_object_store
@@ -29,16 +33,30 @@ from strata.spec import SecretKeyRef, SpecError, StudySpec, Toleration, parse_sp
 from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
-    create_or_load_study, open_storage,
+    build_pruner, build_sampler, create_or_load_study, open_storage, redact,
 )
 
 log = logging.getLogger(__name__)
 ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
 TERMINAL = ("Succeeded", "Failed")
 USAGE_INTERVAL_SECONDS = 60.0  # listing a bucket is not free: registry size at most once a minute
+PROBE_INTERVAL_SECONDS = 5.0  # how often a study's layer registry is checked for reachability
+# What a database outage raises through Optuna (RDB storages wrap SQLAlchemy's errors; journals raise OSError).
+STORAGE_ERRORS = (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
+POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
 
-# An event to post: (type, reason, message).
+# An event as it was posted: (type, reason, message).
 Event = tuple[str, str, str]
+
+
+@dataclass(frozen=True)
+class Happening:
+    """Something to post as an Event, once: `key` names the happening (trial 3 started, ...)."""
+
+    type: str
+    reason: str
+    message: str
+    key: str
 
 
 def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSettings:
@@ -69,20 +87,26 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
 
 
 class PodExecutor:
-    """The Executor protocol over one study's trainer pods (refreshed once per reconcile)."""
+    """The Executor protocol over one study's trainer pods (refreshed once per reconcile).
+
+    `post` puts an Event out at once (before the pod exists for TrialStarted): a restart between
+    the two posts it again under the same name, which the API refuses, so each is posted once.
+    """
 
     def __init__(self, api: KubeApi, namespace: str, name: str, uid: str, spec: StudySpec,
-                 settings: builders.OperatorSettings, study: optuna.Study, events: list[Event]):
+                 settings: builders.OperatorSettings, study: optuna.Study, post: Callable[[Happening], None]):
         self.api, self.namespace, self.name, self.uid = api, namespace, name, uid
-        self.spec, self.settings, self.study, self.events = spec, settings, study, events
+        self.spec, self.settings, self.study, self.post = spec, settings, study, post
         self.pods: dict[int, dict[str, Any]] = {}
+        self.rejected: dict[int, str] = {}  # trials whose pod the API refused as built: fail them
+        self.create_error: str | None = None  # the API failed a create for another reason (quota, outage)
         self.refresh()
 
     def refresh(self) -> None:
         self.pods = {}
         for pod in self.api.list_pods(self.namespace, builders.study_selector(self.name)):
             labels = pod["metadata"].get("labels", {})
-            if labels.get(builders.LABEL_STUDY) == self.name and builders.LABEL_TRIAL in labels:
+            if builders.owned_by(pod, self.name) and builders.LABEL_TRIAL in labels:
                 self.pods[int(labels[builders.LABEL_TRIAL])] = pod
 
     @staticmethod
@@ -118,20 +142,35 @@ class PodExecutor:
         trial = self.study.get_trials(deepcopy=False)[number]
         body = builders.build_trial_pod(name=self.name, namespace=self.namespace, uid=self.uid, number=number,
                                         params=trial.params, spec=self.spec, settings=self.settings)
-        if not self.api.create_pod(body):
-            old = self.pods.get(number)
-            if old is not None and self._phase(old) in TERMINAL:
-                # A finished pod of a trial that is RUNNING again: replace it on the next reconcile.
-                self.api.delete_pod(self.namespace, old["metadata"]["name"], grace_seconds=0)
-            return
-        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_POD, body["metadata"]["name"])
-        self.pods[number] = body
+        pod_name = body["metadata"]["name"]
         gpu = " on a GPU node" if self.spec.trainer.gpu.wants(trial.params) else ""
         retry = trial.user_attrs.get(ATTR_RETRY_OF)
         if retry is not None:
-            self.events.append(("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {body['metadata']['name']}){gpu}"))
+            self.post(Happening("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {pod_name}){gpu}",
+                                f"trial-{number}-started"))
         else:
-            self.events.append(("Normal", "TrialStarted", f"trial {number} started in pod {body['metadata']['name']}{gpu}"))
+            self.post(Happening("Normal", "TrialStarted", f"trial {number} started in pod {pod_name}{gpu}",
+                                f"trial-{number}-started"))
+        try:
+            created = self.api.create_pod(body)
+        except ApiException as error:
+            message = f"pod {pod_name}: {_api_reason(error)}"
+            if error.status in POD_REJECTED:
+                self.rejected[number] = f"the API refused trial {number}'s pod: {message}"
+            else:
+                self.create_error = message
+            return
+        if not created:
+            old = self.pods.get(number)
+            if old is None:  # the name is taken by a pod that is not this trial's
+                self.rejected[number] = f"pod name {pod_name} is taken by a pod this study does not own"
+            elif self._phase(old) in TERMINAL:
+                # A finished pod of a trial that is RUNNING again: replace it on the next reconcile.
+                self.api.delete_pod(self.namespace, old["metadata"]["name"], grace_seconds=0)
+            return
+        self.create_error = None
+        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_POD, pod_name)
+        self.pods[number] = body
 
     def stop(self, number: int) -> None:
         pod = self.pods.pop(number, None)
@@ -147,6 +186,14 @@ class PodExecutor:
             pod = self.pods.get(worker.number)
             if pod is not None:
                 self.api.annotate_pod(self.namespace, pod["metadata"]["name"], {builders.ANNOTATION_REPORTED: "true"})
+
+
+def _api_reason(error: ApiException) -> str:
+    """The API server's own message (its Status body), else the HTTP reason."""
+    try:
+        return json.loads(error.body or "{}").get("message") or f"{error.status} {error.reason}"
+    except (TypeError, ValueError):
+        return f"{error.status} {error.reason}"
 
 
 def _termination(pod: dict[str, Any]) -> tuple[int, str]:
@@ -165,6 +212,7 @@ class StudyRuntime:
     spec_json: str
     study: optuna.Study
     scheduler: TrialScheduler
+    url: str  # the Optuna storage URL (shown only through redact)
 
 
 @dataclass
@@ -189,6 +237,8 @@ class StudyService:
         self._studies: dict[str, StudyRuntime] = {}
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
         self._locks: dict[str, threading.Lock] = {}  # the create handler and the timer may overlap
+        self._health: dict[str, DependencyHealth] = {}  # per study: its database, registry, pod creation
+        self._probed: dict[str, float] = {}  # per study: when its registry was last checked
 
     # --- spec and connections ------------------------------------------------------------------
 
@@ -247,12 +297,16 @@ class StudyService:
             except SecretMissing:
                 if spec.storage.object_store_secret:
                     raise
+        endpoint = spec.storage.s3_endpoint or self.settings.s3_endpoint
         try:
-            store = open_object_store(location, spec.storage.s3_endpoint or self.settings.s3_endpoint,
-                                      credentials=credentials)
+            store = open_object_store(location, endpoint, credentials=credentials)
         except ObjectStoreError as error:
-            log.warning("layer registry %s unreachable: scheduling without reuse (%s)", location, error)
-            return None
+            # Unreachable now: keep a client anyway (no network on open), so the probe sees it come back.
+            log.warning("layer registry %s unreachable: scheduling without reuse until it is back (%s)", location, error)
+            try:
+                store = open_object_store(location, endpoint, create=False, credentials=credentials)
+            except ObjectStoreError:
+                return None  # misconfigured (no endpoint): nothing to come back
         return LayerRegistry(store)
 
     def runtime(self, namespace: str, name: str, spec: StudySpec) -> StudyRuntime:
@@ -272,26 +326,55 @@ class StudyService:
         study = cached.study if cached is not None else create_or_load_study(pinned, key, storage)
         if cached is not None:
             create_or_load_study(pinned, key, storage)  # records the changed spec (live update)
+            study.sampler, study.pruner = build_sampler(pinned), build_pruner(pinned)  # a changed sampler applies too
         registry = self._registry_for(namespace, spec) if spec.reuse.enabled else None
         scheduler = TrialScheduler(study, pinned, registry)
-        runtime = StudyRuntime(spec_json, study, scheduler)
+        runtime = StudyRuntime(spec_json, study, scheduler, url)
         self._studies[key] = runtime
         return runtime
 
     def forget(self, namespace: str, name: str) -> None:
-        self._studies.pop(builders.optuna_study_name(namespace, name), None)
+        key = builders.optuna_study_name(namespace, name)
+        self._studies.pop(key, None)
+        self._health.pop(key, None)
+        self._probed.pop(key, None)
         self.metrics.forget(namespace, name)
+
+    # --- events --------------------------------------------------------------------------------
+
+    def _poster(self, namespace: str, name: str, uid: str, posted: list[Event]) -> Callable[[Happening], None]:
+        """Post each happening as an Event named by it: a repeat (a restart, a second handler) is a 409."""
+        def post(happening: Happening) -> None:
+            body = builders.build_event(name=name, namespace=namespace, uid=uid, type_=happening.type,
+                                        reason=happening.reason, message=happening.message, key=happening.key)
+            try:
+                if self.api.create_event(body):
+                    posted.append((happening.type, happening.reason, happening.message))
+            except Exception as error:  # an Event is never worth failing a reconcile for
+                log.warning("could not post event %s for %s/%s: %s", happening.reason, namespace, name, error)
+        return post
 
     # --- reconcile -----------------------------------------------------------------------------
 
     def reconcile(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any], status: dict[str, Any],
                   generation: int | None) -> ReconcileResult:
-        """One pass: validate, connect, step the scheduler, build the status. Never raises on user error."""
+        """One pass: validate, connect, step the scheduler, build the status. Never raises on user error
+        or on a dependency that is down (that is a condition and an Event, and the next pass tries again)."""
         key = builders.optuna_study_name(namespace, name)
         lock = self._locks.setdefault(key, threading.Lock())
         with lock, self.metrics.reconcile(namespace, name):
-            result = self._reconcile(namespace, name, uid, raw_spec, status, generation)
-            self.metrics.update(namespace, name, self._snapshot(key, result))
+            posted: list[Event] = []
+            post = self._poster(namespace, name, uid, posted)
+            health = self._health.setdefault(key, DependencyHealth())
+            result = self._reconcile(namespace, name, uid, raw_spec, status, generation, post, health)
+            try:
+                snapshot = self._snapshot(key, result)
+            except STORAGE_ERRORS as error:  # the database went away after the step: metrics wait a pass
+                log.warning("metrics of %s not updated: %s", key, error)
+                snapshot = StudySnapshot(phase=result.status.get("phase", "Pending"))
+            snapshot.dependencies_up, snapshot.dependency_failures = health.up(), dict(health.failures)
+            self.metrics.update(namespace, name, snapshot)
+            result.events = posted + result.events
             return result
 
     def _snapshot(self, key: str, result: ReconcileResult) -> StudySnapshot:
@@ -321,60 +404,127 @@ class StudyService:
         return snapshot
 
     def _reconcile(self, namespace: str, name: str, uid: str, raw_spec: dict[str, Any], status: dict[str, Any],
-                   generation: int | None) -> ReconcileResult:
+                   generation: int | None, post: Callable[[Happening], None],
+                   health: DependencyHealth) -> ReconcileResult:
         try:
             spec = parse_spec(raw_spec)
         except SpecError as error:
-            return self._invalid(status, "InvalidSpec", str(error), generation)
+            return self._invalid(status, "InvalidSpec", str(error), generation, post)
         try:
             runtime = self.runtime(namespace, name, spec)
+        except SpecError as error:  # valid, but not here (a sampler this process cannot run)
+            return self._invalid(status, "InvalidSpec", str(error), generation, post)
         except SecretMissing as error:
-            return self._invalid(status, "SecretNotFound", str(error), generation)
-        except StorageError as error:
-            return self._invalid(status, "StorageUnreachable", str(error), generation)
+            return self._invalid(status, "SecretNotFound", str(error), generation, post)
+        except STORAGE_ERRORS as error:
+            return self._storage_down(status, generation, str(error), post, health)
         try:
             self._check_pod_secrets(namespace, spec)
         except SecretMissing as error:
-            return self._invalid(status, "SecretNotFound", str(error), generation)
-        events: list[Event] = []
+            return self._invalid(status, "SecretNotFound", str(error), generation, post)
         scheduler = runtime.scheduler
-        executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study, events)
-        outcome, plan, exits = step(scheduler, executor, spec.trials.parallel)
-        events += self._trial_events(runtime.study, exits)
-        executor.mark_reported(exits)
-        if outcome.finished:
-            executor.stop_all()
-            if status.get("phase") != outcome.phase:
-                kind = "Warning" if outcome.phase == "Failed" else "Normal"
-                events.append((kind, "Study" + outcome.phase, outcome.message))
-        executor.refresh()
-        progress = scheduler.progress(executor.active())
+        try:
+            executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study, post)
+            outcome, plan, exits = step(scheduler, executor, spec.trials.parallel)
+            for number, reason in executor.rejected.items():
+                scheduler.fail_attempt(number, reason, kind="rejected")
+                post(Happening("Warning", "TrialPodRejected", reason, f"trial-{number}-rejected"))
+            self._track(health, KUBERNETES, executor.create_error, post)
+            self._probe_registry(runtime, health, post)
+            self._post_trial_events(runtime.study, exits, post)
+            executor.mark_reported(exits)
+            if executor.rejected:
+                outcome = scheduler.outcome(executor.active())
+            if outcome.finished:
+                executor.stop_all()
+                if status.get("phase") != outcome.phase:
+                    kind = "Warning" if outcome.phase == "Failed" else "Normal"
+                    finished = scheduler.progress().finished
+                    post(Happening(kind, "Study" + outcome.phase, outcome.message,
+                                   f"study-{outcome.phase.lower()}-g{generation}-{finished}"))
+            executor.refresh()
+            progress = scheduler.progress(executor.active())
+        except STORAGE_ERRORS as error:
+            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {_first_line(error)}",
+                                      post, health)
+        self._track(health, DATABASE, None, post)
         new_status = builders.build_status(status, progress, outcome, max_trials=spec.trials.max,
-                                           optuna_name=runtime.study.study_name, generation=generation)
-        return ReconcileResult(new_status, events, outcome, progress)
+                                           optuna_name=runtime.study.study_name, generation=generation,
+                                           outages=list(health.outages.values()))
+        return ReconcileResult(new_status, [], outcome, progress)
 
-    def _invalid(self, status: dict[str, Any], reason: str, message: str, generation: int | None) -> ReconcileResult:
-        events: list[Event] = []
+    def _track(self, health: DependencyHealth, dependency: str, error: str | None,
+               post: Callable[[Happening], None]) -> None:
+        """One Warning when an outage starts, one Normal Event when it ends."""
+        if error is not None:
+            outage = health.failed(dependency, error)
+            if outage is not None:
+                log.warning("%s", outage.describe())
+                post(Happening("Warning", outage.reason, outage.describe(), f"outage-{dependency}-{outage.since:.0f}"))
+            return
+        ended = health.recovered(dependency)
+        if ended is not None:
+            seconds = time.time() - ended.since
+            log.info("%s reachable again after %.0f s", dependency, seconds)
+            post(Happening("Normal", ended.reason.replace("Unreachable", "Reachable").replace("Failed", "Recovered"),
+                           f"{dependency} reachable again after {seconds:.0f} s (down since {ended.since_text}, "
+                           f"{ended.failures} failed call(s))", f"recovered-{dependency}-{ended.since:.0f}"))
+
+    def _probe_registry(self, runtime: StudyRuntime, health: DependencyHealth, post: Callable[[Happening], None]) -> None:
+        """Is the layer registry reachable? What planning saw, else a cheap check every few seconds."""
+        registry = runtime.scheduler.registry
+        if registry is None:
+            return
+        error = runtime.scheduler.registry_error
+        key = runtime.study.study_name
+        if error is None and (health.down(REGISTRY) or time.monotonic() - self._probed.get(key, -1e9) > PROBE_INTERVAL_SECONDS):
+            self._probed[key] = time.monotonic()
+            try:
+                registry.store.ping()
+            except ObjectStoreError as failure:
+                error = str(failure)
+        self._track(health, REGISTRY, error, post)
+
+    def _storage_down(self, status: dict[str, Any], generation: int | None, message: str,
+                      post: Callable[[Happening], None], health: DependencyHealth) -> ReconcileResult:
+        """The database is down: say so (condition, one Warning), keep the phase, try again next pass."""
+        self._track(health, DATABASE, message, post)
+        outage = health.outages[DATABASE]
+        return ReconcileResult(builders.unreachable_status(status, outage, generation))
+
+    def _invalid(self, status: dict[str, Any], reason: str, message: str, generation: int | None,
+                 post: Callable[[Happening], None]) -> ReconcileResult:
         if status.get("message") != message:  # one Warning per distinct problem, not one per timer tick
-            events.append(("Warning", reason, message))
-        return ReconcileResult(builders.invalid_status(status, reason, message, generation), events)
+            post(Happening("Warning", reason, message, f"invalid-g{generation}-{reason}-{_digest(message)}"))
+        return ReconcileResult(builders.invalid_status(status, reason, message, generation))
 
     @staticmethod
-    def _trial_events(study: optuna.Study, exits: list[WorkerExit]) -> list[Event]:
-        events: list[Event] = []
+    def _post_trial_events(study: optuna.Study, exits: list[WorkerExit], post: Callable[[Happening], None]) -> None:
         trials = study.get_trials(deepcopy=False)
         for worker in exits:
             trial = trials[worker.number]
+            key = f"trial-{trial.number}-ended"
             if trial.state == TrialState.COMPLETE:
                 reused = trial.user_attrs.get(ATTR_REUSED_LAYERS) or 0
-                events.append(("Normal", "TrialFinished",
-                               f"trial {trial.number} finished: value {trial.value:.4g}, reused {reused} layer(s)"))
+                post(Happening("Normal", "TrialFinished",
+                               f"trial {trial.number} finished: value {trial.value:.4g}, reused {reused} layer(s)", key))
             elif trial.state == TrialState.PRUNED:
-                events.append(("Normal", "TrialPruned", f"trial {trial.number} pruned"))
+                post(Happening("Normal", "TrialPruned", f"trial {trial.number} pruned", key))
             elif trial.state == TrialState.FAIL:
                 reason = trial.user_attrs.get(ATTR_FAIL_REASON, worker.reason)
-                events.append(("Warning", "TrialFailed", f"trial {trial.number} failed: {reason}"[:1000]))
-        return events
+                post(Happening("Warning", "TrialFailed", f"trial {trial.number} failed: {reason}"[:1000], key))
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
+
 
     def delete(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> list[Event]:
         """Finalizer: remove the study's pods; keep the Optuna study and checkpoints unless told."""
