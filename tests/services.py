@@ -29,6 +29,11 @@ if TYPE_CHECKING:
     from strata.objectstore import ObjectStore
 
 __all__ = [
+    "RestartableS3Server",
+    "pause_postgres",
+    "private_postgres",
+    "private_s3",
+    "resume_postgres",
     "PostgresServer",
     "S3Server",
     "free_port",
@@ -176,6 +181,32 @@ def stop_postgres(server: PostgresServer) -> None:
         shutil.rmtree(server.directory, ignore_errors=True)
 
 
+def pause_postgres(server: PostgresServer) -> None:
+    """Stop the server but keep its data and port (an outage or a restart of the database)."""
+    _run(_as_postgres_user([str(_postgres_bin_dir() / "pg_ctl"), "-D", str(server.directory / "data"),
+                            "-m", "fast", "stop"]), server.directory, "pg_ctl-pause")
+
+
+def resume_postgres(server: PostgresServer) -> None:
+    options = f"-c listen_addresses=127.0.0.1 -p {server.port} -k {server.directory} -c fsync=off"
+    _run(_as_postgres_user([str(_postgres_bin_dir() / "pg_ctl"), "-D", str(server.directory / "data"), "-l",
+                            str(server.directory / "log"), "-w", "-o", options, "start"]), server.directory,
+         "pg_ctl-resume")
+
+
+@pytest.fixture
+def private_postgres() -> Iterator[PostgresServer]:
+    """A PostgreSQL cluster of this test's own, which it may stop and start (pause_postgres/resume_postgres)."""
+    server = start_postgres()
+    try:
+        yield server
+    finally:
+        try:
+            stop_postgres(server)
+        except RuntimeError:  # the test left it stopped
+            shutil.rmtree(server.directory, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def postgres_server() -> Iterator[PostgresServer]:
     """A PostgreSQL 15 cluster on 127.0.0.1 for the whole session (about 2 s to start)."""
@@ -229,6 +260,42 @@ def s3_server() -> Iterator[S3Server]:
         yield S3Server(host, port)
     finally:
         server.stop()
+
+
+class RestartableS3Server(S3Server):
+    """moto's server on a fixed port that a test may stop and start again; moto keeps the buckets
+    in this process, so what was stored is there again after start()."""
+
+    def start(self) -> "RestartableS3Server":
+        from moto.server import ThreadedMotoServer
+
+        self._server = ThreadedMotoServer(ip_address=self.host, port=self.port, verbose=False)
+        self._server.start()
+        wait_for(lambda: _accepts(self.host, self.port), timeout=10, message="the S3 server to listen")
+        return self
+
+    def stop(self) -> None:
+        self._server.stop()
+
+
+def _accepts(host: str, port: int) -> bool:
+    try:
+        socket.create_connection((host, port), timeout=0.5).close()
+        return True
+    except OSError:
+        return False
+
+
+@pytest.fixture
+def private_s3() -> Iterator[RestartableS3Server]:
+    server = RestartableS3Server("127.0.0.1", free_port()).start()
+    try:
+        yield server
+    finally:
+        try:
+            server.stop()
+        except Exception:
+            pass
 
 
 @pytest.fixture

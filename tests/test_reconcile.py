@@ -15,7 +15,7 @@ import pytest
 from optuna.trial import TrialState
 
 from strata.kube.api import KubeApi
-from strata.kube.builders import OperatorSettings
+from strata.kube.builders import OperatorSettings, owned_by, study_selector
 from strata.kube.reconcile import ReconcileResult, StudyService
 from tests.k8s.fixtures import k8s_api  # noqa: F401
 
@@ -25,7 +25,8 @@ NAME, UID = "fates", "6f1c2a9e-0000-4000-8000-0000000000aa"
 class Reconciler:
     """One study reconciled the way the Kopf timer does it, with status and events kept between passes."""
 
-    def __init__(self, k8s_api, storage_url: str, **spec_changes: Any):
+    def __init__(self, k8s_api, storage_url: str, name: str = NAME, uid: str = UID, **spec_changes: Any):
+        self.name, self.uid = name, uid
         self.client = k8s_api.kubernetes_client()
         self.k8s_api = k8s_api
         self.service = StudyService(KubeApi(self.client), OperatorSettings(trainer_image="trainer:test"))
@@ -42,20 +43,21 @@ class Reconciler:
         self.storage_url = storage_url
 
     def reconcile(self) -> ReconcileResult:
-        result = self.service.reconcile("default", NAME, UID, self.spec, self.status, 1)
+        result = self.service.reconcile("default", self.name, self.uid, self.spec, self.status, 1)
         self.status = result.status
         self.events += result.events
         return result
 
     def pods(self) -> dict[int, dict[str, Any]]:
         return {int(p["metadata"]["labels"]["hpo.strata.dev/trial"]): p
-                for p in self.k8s_api.list("pods", "default", labels=f"hpo.strata.dev/study={NAME}")}
+                for p in self.k8s_api.list("pods", "default", labels=study_selector(self.name))
+                if owned_by(p, self.name)}
 
     def set_pod_status(self, number: int, status: dict[str, Any]) -> None:
         self.k8s_api.patch("pods", self.pods()[number]["metadata"]["name"], {"status": status}, subresource="status")
 
     def study(self) -> optuna.Study:
-        return optuna.load_study(study_name=f"default.{NAME}", storage=self.storage_url)
+        return optuna.load_study(study_name=f"default.{self.name}", storage=self.storage_url)
 
     def reasons(self, reason: str) -> list[str]:
         return [message for _, r, message in self.events if r == reason]

@@ -30,6 +30,8 @@ so this module keeps the object store itself and plugs it in as kmock's fallback
   printer columns) with an Established status; deleting it removes the resource and objects;
 * Events: one store for core ``v1`` and ``events.k8s.io/v1`` (converted both ways), so
   ``kubectl describe`` finds events posted through either API;
+* label keys and values validated as the API server does (422); ``refuse_creates`` makes the next
+  creates of a resource fail with a proper Status body (a quota, an admission webhook, an outage);
 * Secrets: ``stringData`` is folded into base64 ``data``; pods start with ``phase: Pending``;
   ``pods/NAME/log`` is served from a log source that the test kubelet plugs in;
 * core discovery says ``groupVersion: v1`` (kmock says ``/v1``, which makes kubectl map ``pods``
@@ -90,6 +92,21 @@ CORE_EVENTS = kmock.resource('', 'v1', 'events')
 NEW_EVENTS = kmock.resource('events.k8s.io', 'v1', 'events')
 NAMESPACES = kmock.resource('', 'v1', 'namespaces')
 CRDS = kmock.resource('apiextensions.k8s.io', 'v1', 'customresourcedefinitions')
+
+_LABEL_VALUE = re.compile(r'(([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9])?')
+_LABEL_NAME = re.compile(r'([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]')
+
+
+def _label_problem(key: str, value: Any) -> str | None:
+    """What the API server's label validation says of one label (apimachinery's IsQualifiedName/IsValidLabelValue)."""
+    prefix, _, label = key.rpartition('/')
+    if (prefix and (len(prefix) > 253 or not _DNS_SUBDOMAIN.fullmatch(prefix))) or len(label) > 63 \
+            or not _LABEL_NAME.fullmatch(label):
+        return f'name part of key {key!r} must be 63 characters or less, alphanumeric at both ends'
+    if not isinstance(value, str) or len(value) > 63 or not _LABEL_VALUE.fullmatch(value):
+        return 'must be no more than 63 characters, empty or alphanumeric (with -, _ or .) at both ends'
+    return None
+
 
 _DNS_SUBDOMAIN = re.compile(r'[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*')
 
@@ -565,6 +582,8 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
     internal_errors: list[str] = attrs.field(factory=list, init=False)
     # (namespace, pod name) -> the pod's log text; the test kubelet plugs itself in here.
     pod_logs: Callable[[str, str], str | None] | None = attrs.field(default=None, init=False)
+    # Fault injection: resource -> (status, reason, message, creates left) the next creates are refused with.
+    refusals: dict[kmock.resource, tuple[int, str, str, int] | None] = attrs.field(factory=dict, init=False)
 
     def __attrs_post_init__(self) -> None:
         super().__attrs_post_init__()  # discovery, /version, and the 404 catch-all from kmock
@@ -777,6 +796,16 @@ class KubernetesAPIEmulator(kmock.KubernetesScaffold):
             raise api_error(422, 'Invalid', f'{kind}.{resource.group or "core"} "{name}" is invalid: metadata.name: '
                                             f'Invalid value: "{name}": a lowercase RFC 1123 subdomain must consist '
                                             "of lower case alphanumeric characters, '-' or '.'", name=name, kind=kind)
+        for key, value in (meta.get('labels') or {}).items():
+            problem = _label_problem(str(key), value)
+            if problem:
+                raise api_error(422, 'Invalid', f'{kind} "{name}" is invalid: metadata.labels: Invalid value: '
+                                                f'"{value}": {problem}', name=name, kind=kind)
+        refusal = self.refusals.get(resource)
+        if refusal and not dry_run:
+            status, reason, message, left = refusal
+            self.refusals[resource] = (status, reason, message, left - 1) if left > 1 else None
+            raise api_error(status, reason, message, name=name, kind=kind)
         if info.namespaced:
             namespace = namespace or meta.get('namespace') or 'default'
             if meta.get('namespace') and meta['namespace'] != namespace:
@@ -1310,6 +1339,15 @@ class EmulatedCluster:
                namespace: str | None = 'default') -> dict[str, Any]:
         res = self.resolve(resource)
         return self._call(self.handler.create, res, self._namespace(res, namespace), body)
+
+    def refuse_creates(self, resource: str | kmock.resource, status: int, reason: str, message: str,
+                       times: int = 1) -> None:
+        """Refuse the next `times` creates of this resource (a quota, an admission webhook, an outage)."""
+        res = self.resolve(resource)
+
+        def arm() -> None:
+            self.handler.refusals[res] = (status, reason, message, times)
+        self._call(arm)
 
     def patch(self, resource: str | kmock.resource, name: str, patch: Any, namespace: str | None = 'default', *,
               subresource: str | None = None, content_type: str = 'application/merge-patch+json') -> dict[str, Any]:

@@ -73,7 +73,12 @@ def study_label(study: str) -> str:
 
 
 def trial_pod_name(study: str, number: int) -> str:
-    return _fit(study, NAME_LIMIT, f"-trial-{number}")
+    """A DNS label (the pod's hostname): dots become dashes, with a digest so my.study and my-study differ."""
+    suffix = f"-trial-{number}"
+    if "." not in study:
+        return _fit(study, NAME_LIMIT, suffix)
+    flat = study.replace(".", "-")
+    return f"{flat[:NAME_LIMIT - len(suffix) - 9].rstrip('-')}-{_digest(study)}{suffix}"
 
 
 def study_selector(study: str) -> str:

@@ -515,21 +515,11 @@ class StudyService:
                 post(Happening("Warning", "TrialFailed", f"trial {trial.number} failed: {reason}"[:1000], key))
 
 
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
-
-
-def _digest(text: str) -> str:
-    import hashlib
-
-    return hashlib.sha256(text.encode()).hexdigest()[:12]
-
-
     def delete(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> list[Event]:
         """Finalizer: remove the study's pods; keep the Optuna study and checkpoints unless told."""
         for pod in self.api.list_pods(namespace, builders.study_selector(name)):
-            self.api.delete_pod(namespace, pod["metadata"]["name"], grace_seconds=0)
+            if builders.owned_by(pod, name):
+                self.api.delete_pod(namespace, pod["metadata"]["name"], grace_seconds=0)
         try:
             spec = parse_spec(raw_spec)
         except SpecError:
@@ -550,3 +540,20 @@ def _digest(text: str) -> str:
                 log.warning("could not delete the checkpoints of %s/%s: %s", namespace, name, error)
         self.forget(namespace, name)
         return []
+
+
+def _first_line(error: BaseException) -> str:
+    """The root cause's first line: Optuna's StorageInternalError says 'invalid data in the commit'
+    for a refused connection; the driver's own error says what happened."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
+        error = error.orig
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _digest(text: str) -> str:
+    import hashlib
+
+    return hashlib.sha256(text.encode()).hexdigest()[:12]
