@@ -81,6 +81,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from strata.registry import LayerRegistry
     from strata.runner import run_loop
     from strata.scheduler import TrialScheduler
+    from strata.redaction import redact
     from strata.study import StorageError, create_or_load_study, open_storage
 
     study, storage_url, name = _resolve(args)
@@ -93,10 +94,12 @@ def cmd_run(args: argparse.Namespace) -> int:
     check_space_fits_input(spec)
     check_dataset_available(study)
     checkpoints = args.checkpoints or spec.storage.checkpoints or default_checkpoints(Path(args.study_file), name)
-    try:
-        registry = LayerRegistry(open_object_store(checkpoints, spec.storage.s3_endpoint))
+    try:  # a registry that cannot take a checkpoint would silently cost every trial its reuse
+        store = open_object_store(checkpoints, spec.storage.s3_endpoint)
+        store.check_writable()
+        registry = LayerRegistry(store)
     except ObjectStoreError as error:
-        raise UsageError(f"--checkpoints: {error}") from None
+        raise UsageError(f"--checkpoints: {checkpoints} is not writable: {error}") from None
     try:  # last check: a journal file is created on open
         storage = open_storage(storage_url)
     except StorageError as error:
@@ -119,7 +122,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.monotonic()
-    print(f"study {name}: storage {storage_url}, checkpoints {checkpoints}, {parallel} worker(s), logs {log_dir}",
+    print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} worker(s), logs {log_dir}",
           file=sys.stderr)
     try:
         outcome = run_loop(scheduler, executor, parallel, stop=stop, on_progress=display.update)
@@ -155,6 +158,9 @@ class ProgressDisplay:
         line = (f"[{self.name}] done {progress.complete + progress.pruned}/{self.total}  running {progress.running}  "
                 f"waiting {progress.waiting}  pruned {progress.pruned}  failed {progress.failed}  best {best}  "
                 f"reuse {progress.reuse_rate:.0%}")
+        registry_errors = progress.registry_load_failures + progress.registry_publish_failures
+        if registry_errors:
+            line += f"  registry errors {registry_errors}"
         if line == self._last:
             return
         self._last = line
@@ -198,6 +204,8 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "reused_trials": progress.reused_trials, "reused_layers": progress.reused_layers,
             "reuse_rate": round(progress.reuse_rate, 4), "seconds_saved_estimate": round(progress.seconds_saved, 2),
             "shared_feature_hits": sum(1 for t in trials if t["shared_features"] == "hit"),
+            "registry_load_failures": progress.registry_load_failures,
+            "registry_publish_failures": progress.registry_publish_failures,
             "wall_seconds": round(wall_seconds, 2) if wall_seconds is not None else None,
         },
         "trials": trials,
@@ -219,6 +227,9 @@ def print_summary(report: dict[str, Any], out) -> None:
               f"{s['failed']} failed; reuse {s['reuse_rate']:.0%} of trials ({s['reused_layers']} layers), "
               f"~{s['seconds_saved_estimate']:.0f} s saved; {s['shared_feature_hits']} read frozen outputs another "
               f"trial computed\n")
+    if s.get("registry_load_failures") or s.get("registry_publish_failures"):
+        out.write(f"layer registry: {s['registry_load_failures']} load failure(s), {s['registry_publish_failures']} "
+                  f"publish failure(s): those trials lost reuse (see the trial logs)\n")
     if report["best"]:
         b = report["best"]
         out.write(f"best: trial {b['number']} value {b['value']:.4f} params {json.dumps(b['params'])}\n")

@@ -13,6 +13,7 @@ import time
 from typing import Callable
 
 from strata.executors import Executor, WorkerExit
+from strata.retrying_storage import describe, transient
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
 
 log = logging.getLogger(__name__)
@@ -63,11 +64,26 @@ def run_loop(
 ) -> Outcome:
     stop = stop or threading.Event()
     scheduler.started_at()
+    down_since: float | None = None
     try:
         while not stop.is_set():
-            outcome, plan, _ = step(scheduler, executor, parallel)
+            try:
+                outcome, plan, _ = step(scheduler, executor, parallel)
+                progress = scheduler.progress(executor.active())
+            except Exception as error:
+                # The database went away (a restart, the network): say so once, keep the workers, try again.
+                if not transient(error):
+                    raise
+                if down_since is None:
+                    down_since = time.time()
+                    log.warning("Optuna storage unreachable (%s); the study waits for it", describe(error))
+                stop.wait(max(poll_seconds, 2.0))
+                continue
+            if down_since is not None:
+                log.warning("Optuna storage reachable again after %.0f s", time.time() - down_since)
+                down_since = None
             if on_progress:
-                on_progress(scheduler.progress(executor.active()), outcome, plan)
+                on_progress(progress, outcome, plan)
             if outcome.finished:
                 return outcome
             stop.wait(poll_seconds)
@@ -75,3 +91,4 @@ def run_loop(
         if stop.is_set():
             executor.stop_all()  # trials stay RUNNING: a resumed run starts them again
     return Outcome(False, "Interrupted", "Interrupted", "stopped by the user; run again to resume")
+

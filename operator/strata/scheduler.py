@@ -32,8 +32,8 @@ from strata.sampling import params_key as _params_key
 from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
-    ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED,
-    distributions,
+    ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
+    ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, distributions,
 )
 
 log = logging.getLogger(__name__)
@@ -66,6 +66,8 @@ class Progress:
     reused_trials: int = 0
     reused_layers: int = 0
     seconds_saved: float = 0.0
+    registry_load_failures: int = 0  # donors refused or unreadable, or the registry unreachable, in trials
+    registry_publish_failures: int = 0  # prefixes trials could not publish (later trials cannot reuse them)
 
     @property
     def reuse_rate(self) -> float:
@@ -142,6 +144,8 @@ class TrialScheduler:
                     p.running += 1
                 else:
                     p.waiting += 1
+            p.registry_load_failures += int(t.user_attrs.get(ATTR_REGISTRY_LOAD_FAILURES) or 0)
+            p.registry_publish_failures += int(t.user_attrs.get(ATTR_REGISTRY_PUBLISH_FAILURES) or 0)
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
                 p.finished += 1
                 reused = int(t.user_attrs.get(ATTR_REUSED_LAYERS) or 0)

@@ -18,8 +18,9 @@ from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
-    load_study,
+    ATTR_REGISTRY_PUBLISH_FAILURES, load_study, open_storage,
 )
+from strata.retrying_storage import RetryingStorage, call_with_retry
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import load_dataset
 from strata_trainer.features import SharedFeatureStore
@@ -93,7 +94,8 @@ def check_prefix_shapes(state: dict[str, torch.Tensor], arch: CNNArchitecture, k
         raise ValueError(f"prefix tensors {actual} do not fit {expected}")
 
 
-def open_registry(spec: StudySpec, checkpoints: str | None) -> LayerRegistry | None:
+def open_registry(spec: StudySpec, checkpoints: str | None, failures: list[str] | None = None) -> LayerRegistry | None:
+    """The layer registry, or None; an unreachable one is a load failure the trial records."""
     location = checkpoints or spec.storage.checkpoints
     if not location:
         return None
@@ -101,12 +103,16 @@ def open_registry(spec: StudySpec, checkpoints: str | None) -> LayerRegistry | N
         return LayerRegistry(open_object_store(location, spec.storage.s3_endpoint))
     except ObjectStoreError as error:
         log.warning("layer registry unreachable (%s): training from scratch, nothing published", error)
+        if failures is not None:
+            failures.append(str(error))
         return None
 
 
 def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict[str, torch.Tensor],
-                     from_layer: int, *, study: str, trial: int, val_loss: float, epochs: int) -> int:
-    """Publish prefixes longer than the reused one (shorter ones are the donor's, already there)."""
+                     from_layer: int, *, study: str, trial: int, val_loss: float, epochs: int,
+                     failures: list[str] | None = None) -> int:
+    """Publish prefixes longer than the reused one (shorter ones are the donor's, already there).
+    A prefix the store refused is appended to `failures` (the trial records the count)."""
     published = 0
     for k in range(max(from_layer, 0) + 1, arch.conv_layers + 1):
         keys = {name for name in state if int(name.split(".")[0]) < k}
@@ -117,12 +123,18 @@ def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict
             published += 1
         except ObjectStoreError as error:
             log.warning("could not publish %d-layer prefix: %s", k, error)
+            if failures is not None:
+                failures.append(f"{k}-layer prefix: {error}")
             break
     return published
 
 
 def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None = None) -> int:
-    study, spec = load_study(study_name, storage_url)
+    # A database restart mid-trial is waited out (strata.retrying_storage), not a failed trial.
+    storage = call_with_retry(lambda: open_storage(storage_url), "connect")
+    if not storage_url.startswith("journal://"):
+        storage = RetryingStorage(storage)
+    study, spec = load_study(study_name, storage)
     storage = study._storage
     trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
     frozen = storage.get_trial(trial_id)
@@ -154,8 +166,8 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     device = pick_device(spec.training.device)
     arch = architecture_from_params(spec, params)
     data = load_dataset(spec.training, spec.storage.s3_endpoint)
-    registry = open_registry(spec, checkpoints) if spec.reuse.enabled else None
     load_failures: list[str] = []
+    registry = open_registry(spec, checkpoints, load_failures) if spec.reuse.enabled else None
     reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs, load_failures)
 
     torch.manual_seed(spec.training.seed)
@@ -215,11 +227,16 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "val_loss_per_epoch": [round(r.val_loss, 5) for r in result.epochs],
     })
-    _set_attrs(trial, attrs)
     if registry is not None:
         # Publish before telling: once the trial is COMPLETE, its layers are already visible.
+        publish_failures: list[str] = []
         publish_prefixes(registry, arch, result.best_prefix_state, reused.layers if reused else 0,
-                         study=study.study_name, trial=trial.number, val_loss=best.val_loss, epochs=len(result.epochs))
+                         study=study.study_name, trial=trial.number, val_loss=best.val_loss, epochs=len(result.epochs),
+                         failures=publish_failures)
+        attrs[ATTR_REGISTRY_PUBLISH_FAILURES] = len(publish_failures)
+    elif spec.reuse.enabled and load_failures:
+        attrs[ATTR_REGISTRY_PUBLISH_FAILURES] = 1  # the registry was unreachable: nothing could be published
+    _set_attrs(trial, attrs)
     study.tell(trial.number, metric_of(best))
     log.info("trial %d complete: val_loss %.4f, accuracy %.4f, %.1f s", trial.number, best.val_loss,
              best.val_accuracy, result.train_seconds)

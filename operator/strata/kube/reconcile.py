@@ -27,6 +27,7 @@ from strata.kube import builders
 from strata.kube.api import KubeApi, SecretMissing
 from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
+from strata.retrying_storage import describe
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
 from strata.spec import SecretKeyRef, SpecError, StudySpec, Toleration, parse_spec, spec_to_json
@@ -445,7 +446,7 @@ class StudyService:
             executor.refresh()
             progress = scheduler.progress(executor.active())
         except STORAGE_ERRORS as error:
-            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {_first_line(error)}",
+            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {describe(error)}",
                                       post, health)
         self._track(health, DATABASE, None, post)
         new_status = builders.build_status(status, progress, outcome, max_trials=spec.trials.max,
@@ -540,17 +541,6 @@ class StudyService:
                 log.warning("could not delete the checkpoints of %s/%s: %s", namespace, name, error)
         self.forget(namespace, name)
         return []
-
-
-def _first_line(error: BaseException) -> str:
-    """The root cause's first line: Optuna's StorageInternalError says 'invalid data in the commit'
-    for a refused connection; the driver's own error says what happened."""
-    while error.__cause__ is not None:
-        error = error.__cause__
-    if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
-        error = error.orig
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
 
 
 def _digest(text: str) -> str:
