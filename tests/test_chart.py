@@ -34,10 +34,13 @@ RELEASE, NAMESPACE = "strata", "ml"
 KUBE_VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
 CUSTOM_KINDS = {"ServiceMonitor"}  # custom resources: kubernetes-validate has no schema for them
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
+WATCHED = ["team-a", "team-b"]  # watchNamespaces: neither is the release namespace
 
 VALUE_SETS: dict[str, dict[str, Any]] = {
     "defaults": {},
     "namespace-rbac": {"rbac": {"scope": "namespace"}},
+    "watch-namespaces": {"rbac": {"scope": "namespace"}, "watchNamespaces": WATCHED,
+                         "postgresql": {"enabled": True}, "minio": {"enabled": True}},
     "bundled-services": {"postgresql": {"enabled": True}, "minio": {"enabled": True}},
     "external-services": {
         "externalDatabase": {"existingSecret": "optuna-db", "existingSecretKey": "optuna-url"},
@@ -174,6 +177,12 @@ BAD_VALUES = {
     "two feature cache volumes": {"trainer": {"featureCacheVolume": {"hostPath": {"path": "/a"},
                                                                        "persistentVolumeClaim": {"claimName": "b"}}}},
     "zero feature cache bytes": {"trainer": {"featureCacheBytes": 0}},
+    "watched namespace not a DNS label": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["Team_A"]},
+    "watched namespace with a dot": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["team.a"]},
+    "watched namespace too long": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["a" * 64]},
+    "empty watched namespace": {"rbac": {"scope": "namespace"}, "watchNamespaces": [""]},
+    "watched namespace listed twice": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["team-a", "team-a"]},
+    "watched namespaces as one string": {"rbac": {"scope": "namespace"}, "watchNamespaces": "team-a,team-b"},
 }
 
 
@@ -202,6 +211,10 @@ def test_schema_forbids_unknown_keys_at_every_level_it_defines() -> None:
     ({"externalObjectStore": {"endpoint": "https://s3.example.com"}}, "externalObjectStore.bucket is required"),
     ({"serviceAccount": {"create": False}}, "serviceAccount.name is required"),
     ({"metrics": {"service": {"enabled": False}, "serviceMonitor": {"enabled": True}}}, "metrics.service.enabled"),
+    # A ClusterRole reaches every namespace: a list of namespaces with it would be a false promise.
+    ({"watchNamespaces": WATCHED}, "watchNamespaces needs rbac.scope=namespace"),
+    ({"rbac": {"scope": "cluster", "create": False}, "watchNamespaces": WATCHED},
+     "watchNamespaces needs rbac.scope=namespace"),
 ])
 def test_contradictory_values_fail_with_a_message(values: dict[str, Any], message: str) -> None:
     with pytest.raises(helm_python.HelmRenderError, match=re.escape(message)):
@@ -267,6 +280,16 @@ def test_namespace_scope_restricts_the_operator_to_the_release_namespace(monkeyp
     assert env_of(container)["STRATA_NAMESPACE"]["valueFrom"] == {"fieldRef": {"fieldPath": "metadata.namespace"}}
     argv = _operator_launch_args(monkeypatch, plain_env(container))
     assert argv[argv.index("--namespace") + 1] == NAMESPACE and "--all-namespaces" not in argv
+
+
+def test_watch_namespaces_restricts_the_operator_to_the_listed_namespaces(monkeypatch: pytest.MonkeyPatch) -> None:
+    container = operator_container(manifests(VALUE_SETS["watch-namespaces"]))
+    env = env_of(container)
+    assert env["STRATA_NAMESPACES"] == {"name": "STRATA_NAMESPACES", "value": "team-a,team-b"}
+    assert "STRATA_NAMESPACE" not in env  # the list replaces the release namespace
+    argv = _operator_launch_args(monkeypatch, plain_env(container))
+    assert "--all-namespaces" not in argv
+    assert [argv[i + 1] for i, arg in enumerate(argv) if arg == "--namespace"] == WATCHED
 
 
 def test_operator_gets_its_settings_from_values_and_secret_references() -> None:
@@ -417,17 +440,20 @@ def test_the_declared_api_verbs_match_the_calls_in_the_api_module() -> None:
     assert calls == kube_api.VERBS_USED
 
 
-@pytest.mark.parametrize("scope", ["cluster", "namespace"])
-def test_rbac_grants_what_the_operator_uses_and_nothing_more(scope: str) -> None:
-    docs = manifests({"rbac": {"scope": scope}})
-    rules = granted(docs)
-    assert OPERATOR_CALLS <= rules, OPERATOR_CALLS - rules
-    assert KOPF_NEEDS <= rules, KOPF_NEEDS - rules
-    assert rules <= ALLOWED, rules - ALLOWED
-    assert not any("*" in part for rule in rules for part in rule)
-    assert ("", "secrets", "list") not in rules and ("", "secrets", "watch") not in rules
-    assert not any(resource.startswith("pods/") for _, resource, _ in rules)  # no exec, attach, portforward
-    assert not any(group == "apiextensions.k8s.io" for group, _, _ in rules)
+@pytest.mark.parametrize("case", ["defaults", "namespace-rbac", "watch-namespaces"])
+def test_rbac_grants_what_the_operator_uses_and_nothing_more(case: str) -> None:
+    roles = [d for d in manifests(VALUE_SETS[case]) if d["kind"] in ("Role", "ClusterRole")]
+    assert roles
+    for role in roles:  # each Role on its own: the operator needs all of it in every namespace it serves
+        rules = granted([role])
+        assert OPERATOR_CALLS <= rules, OPERATOR_CALLS - rules
+        assert KOPF_NEEDS <= rules, KOPF_NEEDS - rules
+        assert rules <= ALLOWED, rules - ALLOWED
+        assert not any("*" in part for rule in rules for part in rule)
+        assert ("", "secrets", "list") not in rules and ("", "secrets", "watch") not in rules
+        assert not any(resource.startswith("pods/") for _, resource, _ in rules)  # no exec, attach, portforward
+        assert not any(group == "apiextensions.k8s.io" for group, _, _ in rules)
+        assert not any(resource == "namespaces" for _, resource, _ in rules)  # exact names, no scanning
 
 
 def test_cluster_scope_binds_a_cluster_role_to_the_operator_service_account() -> None:
@@ -447,6 +473,35 @@ def test_namespace_scope_creates_only_namespaced_objects_in_the_release_namespac
     assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
     assert binding["roleRef"]["kind"] == "Role" and binding["roleRef"]["name"] == role["metadata"]["name"]
     assert {d["metadata"].get("namespace") for d in docs} == {NAMESPACE}
+
+
+def test_watch_namespaces_binds_one_role_per_listed_namespace_and_no_cluster_role() -> None:
+    docs = manifests(VALUE_SETS["watch-namespaces"])
+    assert not [d for d in docs if d["kind"] in ("ClusterRole", "ClusterRoleBinding")]
+    roles = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "Role"}
+    bindings = {d["metadata"]["namespace"]: d for d in docs if d["kind"] == "RoleBinding"}
+    assert len(roles) == len(bindings) == len(WATCHED)
+    assert sorted(roles) == sorted(bindings) == sorted(WATCHED)  # not the release namespace: it is not listed
+    cluster_rules = only(manifests(), "ClusterRole")["rules"]
+    account = only(docs, "ServiceAccount")
+    for namespace in WATCHED:
+        role, binding = roles[namespace], bindings[namespace]
+        assert role["rules"] == cluster_rules, f"{namespace}: not the operator's rules"
+        assert binding["roleRef"] == {"apiGroup": "rbac.authorization.k8s.io", "kind": "Role",
+                                      "name": role["metadata"]["name"]}
+        assert binding["subjects"] == [{"kind": "ServiceAccount", "name": account["metadata"]["name"],
+                                        "namespace": NAMESPACE}]
+    # Everything else (operator, its ServiceAccount, services) stays in the release namespace.
+    rbac_kinds = {"Role", "RoleBinding"}
+    assert {d["metadata"].get("namespace") for d in docs if d["kind"] not in rbac_kinds} == {NAMESPACE}
+    # The release namespace is served when listed, once.
+    listed = manifests({"rbac": {"scope": "namespace"}, "watchNamespaces": [NAMESPACE, "team-a"]})
+    assert sorted(d["metadata"]["namespace"] for d in listed if d["kind"] == "Role") == sorted([NAMESPACE, "team-a"])
+    # rbac.create=false: no RBAC objects, the operator is still confined to the list.
+    own = manifests({"rbac": {"scope": "namespace", "create": False}, "watchNamespaces": WATCHED})
+    assert not [d for d in own if d["kind"] in ("Role", "RoleBinding", "ClusterRole", "ClusterRoleBinding")]
+    assert env_of(operator_container(own))["STRATA_NAMESPACES"] == {"name": "STRATA_NAMESPACES",
+                                                                    "value": ",".join(WATCHED)}
 
 
 # --- security ---------------------------------------------------------------------------------------------
@@ -709,3 +764,13 @@ def test_notes_tell_how_to_run_and_watch_a_study() -> None:
                  '"Strata HPO"', "/metrics", f"{RELEASE}-postgresql-url"):
         assert text in notes, text
     assert "copy" in notes  # cluster scope: studies elsewhere need the Secrets in their namespace
+
+
+def test_notes_name_the_namespaces_the_operator_watches() -> None:
+    notes = render(VALUE_SETS["watch-namespaces"])["strata/templates/NOTES.txt"]
+    assert "in namespaces team-a, team-b only" in notes and "helm upgrade" in notes
+    assert "kubectl apply -n team-a -f examples/fashion-quick.yaml" in notes  # a namespace it serves
+    assert "(in team-a, team-b)" in notes and "copy" in notes  # the Secrets are needed there
+    assert "every namespace" in render()["strata/templates/NOTES.txt"]
+    single = render({"rbac": {"scope": "namespace"}, "postgresql": {"enabled": True}})["strata/templates/NOTES.txt"]
+    assert f"in namespace {NAMESPACE} only" in single and "copy" not in single

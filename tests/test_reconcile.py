@@ -25,11 +25,14 @@ NAME, UID = "fates", "6f1c2a9e-0000-4000-8000-0000000000aa"
 class Reconciler:
     """One study reconciled the way the Kopf timer does it, with status and events kept between passes."""
 
-    def __init__(self, k8s_api, storage_url: str, name: str = NAME, uid: str = UID, **spec_changes: Any):
+    def __init__(self, k8s_api, storage_url: str, name: str = NAME, uid: str = UID, check_data: bool = False,
+                 **spec_changes: Any):
         self.name, self.uid = name, uid
         self.client = k8s_api.kubernetes_client()
         self.k8s_api = k8s_api
-        self.service = StudyService(KubeApi(self.client), OperatorSettings(trainer_image="trainer:test"))
+        # The data check pod (tests/test_data_check.py) is off: these tests play each trial pod's fate.
+        self.service = StudyService(KubeApi(self.client), OperatorSettings(trainer_image="trainer:test",
+                                                                           check_data=check_data))
         self.spec = {
             "searchSpace": {"convLayers": {"type": "int", "low": 1, "high": 1},
                             "learningRate": {"type": "float", "low": 0.001, "high": 0.1, "log": True}},
@@ -50,7 +53,7 @@ class Reconciler:
 
     def pods(self) -> dict[int, dict[str, Any]]:
         return {int(p["metadata"]["labels"]["hpo.strata.dev/trial"]): p
-                for p in self.k8s_api.list("pods", "default", labels=study_selector(self.name))
+                for p in self.k8s_api.list("pods", "default", labels=study_selector(self.name) + ",hpo.strata.dev/trial")
                 if owned_by(p, self.name)}
 
     def set_pod_status(self, number: int, status: dict[str, Any]) -> None:

@@ -55,6 +55,31 @@ def check_dataset_available(study: HPOStudy) -> None:
         raise UsageError(f"spec.training.dataset.path: {path} does not exist{hint}")
 
 
+def check_data_once(spec, storage_url: str, name: str) -> dict | None:
+    """The data check the operator runs in a pod (strata_trainer.datacheck), here in this process,
+    before anything is written; skipped when the study already holds a good verdict for this data."""
+    if os.environ.get("STRATA_DATA_CHECK", "true").lower() in ("0", "false", "no", "off"):
+        return None
+    from strata.study import ATTR_DATA_CHECK, StorageError, data_check_key, load_study
+
+    existing = not storage_url.startswith("journal://") or Path(storage_url[len("journal://"):]).exists()
+    if existing:
+        try:
+            verdict = load_study(name, storage_url)[0].user_attrs.get(ATTR_DATA_CHECK)
+            if isinstance(verdict, dict) and verdict.get("key") == data_check_key(spec) and verdict.get("ok"):
+                return None
+        except (StorageError, SpecError):
+            pass  # no such study yet (or unreachable: reported when it is opened)
+    try:
+        from strata_trainer.datacheck import verdict_for
+    except ImportError:  # an operator-only install has no trainer: its trials would say it
+        return None
+    verdict = verdict_for(spec)
+    if not verdict["ok"]:
+        raise UsageError(f"spec.training: {verdict['message']}")
+    return verdict
+
+
 def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
     """(study, storage URL, study name) from a study file and/or --storage/--study."""
     study = None
@@ -93,6 +118,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"trials": spec.trials.model_copy(update={"parallel": args.workers})})
     check_space_fits_input(spec)
     check_dataset_available(study)
+    data_verdict = check_data_once(spec, storage_url, name)
     checkpoints = args.checkpoints or spec.storage.checkpoints or default_checkpoints(Path(args.study_file), name)
     try:  # a registry that cannot take a checkpoint would silently cost every trial its reuse
         store = open_object_store(checkpoints, spec.storage.s3_endpoint)
@@ -107,6 +133,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     # The trainer reads the spec from the study, with the checkpoint location made explicit.
     spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"checkpoints": checkpoints})})
     optuna_study = create_or_load_study(spec, name, storage)
+    if data_verdict is not None:
+        from strata.study import ATTR_DATA_CHECK
+
+        optuna_study.set_user_attr(ATTR_DATA_CHECK, data_verdict)
     scheduler = TrialScheduler(optuna_study, spec, registry)
 
     cores = os.cpu_count() or 1

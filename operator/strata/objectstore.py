@@ -57,12 +57,18 @@ class LocalFolderStore:
             raise ObjectStoreError(f"{self.root}: not a directory")
 
     def check_writable(self) -> None:
-        try:
-            self.root.mkdir(parents=True, exist_ok=True)
-        except OSError as error:
-            raise ObjectStoreError(f"{self.root}: cannot create the folder ({error.strerror or error})") from None
-        self.put_bytes(PROBE_KEY, b"")
-        self.delete(PROBE_KEY)
+        """A probe file in an existing folder; for a new one, that it could be made (nothing is created)."""
+        if self.root.is_dir():
+            self.put_bytes(PROBE_KEY, b"")
+            self.delete(PROBE_KEY)
+            return
+        ancestor = self.root.absolute()
+        while not ancestor.exists():
+            ancestor = ancestor.parent
+        if not ancestor.is_dir():
+            raise ObjectStoreError(f"{ancestor} is not a directory")
+        if not os.access(ancestor, os.W_OK | os.X_OK):
+            raise ObjectStoreError(f"cannot create folders in {ancestor} (permission denied)")
 
     def _path(self, key: str) -> Path:
         if not key.strip("/"):

@@ -6,6 +6,7 @@ storage URL, the study name and a trial number to run a trial.
 
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import json
 import logging
@@ -36,6 +37,7 @@ ATTR_FAIL_REASON = "fail_reason"
 ATTR_REGISTRY_LOAD_FAILURES = "registry_load_failures"  # donors refused or unreadable, or the registry unreachable
 ATTR_REGISTRY_PUBLISH_FAILURES = "registry_publish_failures"  # prefixes the registry did not take
 ATTR_RETRY_OF = "strata.retry_of"
+ATTR_DATA_CHECK = "strata.data_check"  # study attr: the verdict of strata_trainer.datacheck for data_check_key
 ATTR_ATTEMPT = "strata.attempt"
 ATTR_DONOR_FOR = "strata.donor_for"
 
@@ -106,6 +108,14 @@ def redact(url: str) -> str:
     from strata.redaction import redact as redact_url
 
     return redact_url(url)
+
+
+def data_check_key(spec: StudySpec) -> str:
+    """What the data check depends on: the dataset and how trials cut it (not the search space)."""
+    t = spec.training
+    settings = {"dataset": t.dataset.model_dump(mode="json"), "subsetSize": t.subset_size, "inputSize": t.input_size,
+                "validationSplit": t.validation_split, "seed": t.seed, "s3Endpoint": spec.storage.s3_endpoint}
+    return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 
 def distributions(spec: StudySpec) -> dict[str, BaseDistribution]:

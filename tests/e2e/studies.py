@@ -80,7 +80,12 @@ def events(k8s_api, name: str, reason: str | None = None, type_: str | None = No
 
 
 def trial_pods(k8s_api, name: str) -> list[dict]:
-    return k8s_api.list("pods", NAMESPACE, labels=f"hpo.strata.dev/study={name}")
+    """The study's trial pods (not its data check pod)."""
+    return k8s_api.list("pods", NAMESPACE, labels=f"hpo.strata.dev/study={name},hpo.strata.dev/trial")
+
+
+def data_check_pods(k8s_api, name: str) -> list[dict]:
+    return k8s_api.list("pods", NAMESPACE, labels=f"hpo.strata.dev/study={name},app.kubernetes.io/component=data-check")
 
 
 def optuna_trials(storage_url: str, name: str) -> list[FrozenTrial]:

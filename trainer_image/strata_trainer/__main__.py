@@ -1,5 +1,7 @@
 """`python -m strata_trainer --storage URL --study NAME --trial N`: run one asked trial and tell Optuna.
 
+`--check-data` instead of `--trial N` checks the study's dataset once (strata_trainer.datacheck).
+
 Exit codes: 0 complete, 3 pruned, 1 failed (told to Optuna as FAIL), 2 bad arguments or storage.
 """
 
@@ -19,7 +21,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--storage", default=os.environ.get("STRATA_STORAGE_URL"),
                         help="Optuna storage URL (default: $STRATA_STORAGE_URL)")
     parser.add_argument("--study", required=True, help="Optuna study name")
-    parser.add_argument("--trial", type=int, required=True, help="trial number, already asked by the scheduler")
+    what = parser.add_mutually_exclusive_group(required=True)
+    what.add_argument("--trial", type=int, help="trial number, already asked by the scheduler")
+    what.add_argument("--check-data", action="store_true",
+                      help="load the study's dataset as its trials would and record the verdict in the study")
     parser.add_argument("--checkpoints", default=os.environ.get("STRATA_CHECKPOINTS"),
                         help="layer registry location (default: the spec's storage.checkpoints)")
     args = parser.parse_args(argv)
@@ -30,6 +35,12 @@ def main(argv: list[str] | None = None) -> int:
     from strata_trainer.trial import EXIT_USAGE, run_trial  # torch import after argument checks
 
     try:
+        if args.check_data:
+            from strata.study import load_study
+            from strata_trainer.datacheck import check_data
+
+            check_data(*load_study(args.study, args.storage))
+            return 0  # the verdict is in the study, good or bad
         return run_trial(args.storage, args.study, args.trial, args.checkpoints)
     except (StorageError, SpecError) as error:
         print(f"strata_trainer: {error}", file=sys.stderr)

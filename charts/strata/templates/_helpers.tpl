@@ -53,6 +53,21 @@ app.kubernetes.io/component: {{ .component }}
 {{- end }}
 {{- end }}
 
+{{/*
+Namespaces the operator watches, comma-separated: watchNamespaces (needs rbac.scope=namespace),
+else the release namespace in namespace scope, else "" (every namespace, cluster scope).
+*/}}
+{{- define "strata.watchNamespaces" -}}
+{{- if .Values.watchNamespaces }}
+{{- if eq .Values.rbac.scope "cluster" }}
+{{- fail "watchNamespaces needs rbac.scope=namespace: rbac.scope=cluster binds a ClusterRole that reaches every namespace. Set rbac.scope=namespace to get a Role in each listed namespace, or empty watchNamespaces to watch all." }}
+{{- end }}
+{{- join "," .Values.watchNamespaces }}
+{{- else if eq .Values.rbac.scope "namespace" }}
+{{- .Release.Namespace }}
+{{- end }}
+{{- end }}
+
 {{- define "strata.operatorImage" -}}
 {{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
 {{- end }}

@@ -42,6 +42,8 @@ class OperatorSettings:
     # reusing the same donor read its frozen outputs there instead of computing them (strata_trainer.features).
     feature_cache_volume: dict[str, Any] = field(default_factory=dict)
     feature_cache_bytes: int | None = None
+    # Check each study's data once in a trainer pod before its first trial (strata_trainer.datacheck).
+    check_data: bool = True
 
 
 def optuna_study_name(namespace: str, name: str) -> str:
@@ -73,8 +75,15 @@ def study_label(study: str) -> str:
 
 
 def trial_pod_name(study: str, number: int) -> str:
+    return _pod_name(study, f"-trial-{number}")
+
+
+def data_check_pod_name(study: str) -> str:
+    return _pod_name(study, "-data-check")
+
+
+def _pod_name(study: str, suffix: str) -> str:
     """A DNS label (the pod's hostname): dots become dashes, with a digest so my.study and my-study differ."""
-    suffix = f"-trial-{number}"
     if "." not in study:
         return _fit(study, NAME_LIMIT, suffix)
     flat = study.replace(".", "-")
@@ -144,8 +153,25 @@ def trainer_database(spec: StudySpec, settings: OperatorSettings) -> SecretKeyRe
 def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params: dict[str, Any],
                     spec: StudySpec, settings: OperatorSettings) -> dict[str, Any]:
     """One trainer pod for one asked trial: placement from the spec, credentials from Secrets."""
+    return _trainer_pod(name=name, namespace=namespace, uid=uid, spec=spec, settings=settings,
+                        pod_name=trial_pod_name(name, number), gpu=spec.trainer.gpu.wants(params),
+                        args=trainer_args(optuna_study_name(namespace, name), number),
+                        labels={LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer"})
+
+
+def build_data_check_pod(*, name: str, namespace: str, uid: str, spec: StudySpec,
+                         settings: OperatorSettings) -> dict[str, Any]:
+    """The pod that checks the study's data once before its first trial (strata_trainer.datacheck):
+    a trainer pod (same image, volumes, credentials, CPU placement) with `--check-data`."""
+    return _trainer_pod(name=name, namespace=namespace, uid=uid, spec=spec, settings=settings,
+                        pod_name=data_check_pod_name(name), gpu=False,
+                        args=["--study", optuna_study_name(namespace, name), "--check-data"],
+                        labels={LABEL_COMPONENT: "data-check"})
+
+
+def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settings: OperatorSettings,
+                 pod_name: str, gpu: bool, args: list[str], labels: dict[str, str]) -> dict[str, Any]:
     trainer = spec.trainer
-    gpu = trainer.gpu.wants(params)
     gpu_selector = (trainer.gpu.node_selector or settings.gpu_node_selector) if gpu else {}
     gpu_tolerations = list(trainer.gpu.tolerations or settings.gpu_tolerations) if gpu else []
     pool_selector = {} if gpu or trainer.node_selector else settings.cpu_node_selector
@@ -199,7 +225,7 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
             "image": trainer.image or settings.trainer_image,
             "imagePullPolicy": trainer.image_pull_policy,
             "command": list(TRAINER_COMMAND),
-            "args": trainer_args(optuna_study_name(namespace, name), number),
+            "args": args,
             "env": env,
             "resources": resources,
             "securityContext": {"allowPrivilegeEscalation": False, "readOnlyRootFilesystem": True,
@@ -222,9 +248,9 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
-            "name": trial_pod_name(name, number),
+            "name": pod_name,
             "namespace": namespace,
-            "labels": {LABEL_STUDY: study_label(name), LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer",
+            "labels": {LABEL_STUDY: study_label(name), **labels,
                        "app.kubernetes.io/name": "strata-trainer", "app.kubernetes.io/managed-by": "strata"},
             "ownerReferences": [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
                                  "uid": uid, "controller": True, "blockOwnerDeletion": True}],
@@ -297,7 +323,7 @@ def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome,
 
 def invalid_status(previous: dict[str, Any], reason: str, message: str, generation: int | None) -> dict[str, Any]:
     conditions = set_condition(previous.get("conditions") or [], "Ready", False, reason, message, generation)
-    return omit_none({"phase": "Invalid" if reason == "InvalidSpec" else "Error", "message": message,
+    return omit_none({"phase": "Invalid" if reason in ("InvalidSpec", "InvalidData") else "Error", "message": message,
                       "observedGeneration": generation, "conditions": conditions})
 
 

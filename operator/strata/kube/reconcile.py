@@ -34,7 +34,7 @@ from strata.spec import SecretKeyRef, SpecError, StudySpec, Toleration, parse_sp
 from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
-    build_pruner, build_sampler, create_or_load_study, open_storage, redact,
+    ATTR_DATA_CHECK, build_pruner, build_sampler, create_or_load_study, data_check_key, open_storage, redact,
 )
 
 log = logging.getLogger(__name__)
@@ -44,6 +44,7 @@ USAGE_INTERVAL_SECONDS = 60.0  # listing a bucket is not free: registry size at 
 PROBE_INTERVAL_SECONDS = 5.0  # how often a study's layer registry is checked for reachability
 # What a database outage raises through Optuna (RDB storages wrap SQLAlchemy's errors; journals raise OSError).
 STORAGE_ERRORS = (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
+DATA_CHECK_ATTEMPTS = 3  # data check pods that may end without a verdict before the study shows DataCheckFailed
 POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
 
 # An event as it was posted: (type, reason, message).
@@ -84,6 +85,7 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         object_store_secret=env.get("STRATA_OBJECT_STORE_SECRET") or None,
         checkpoints=env.get("STRATA_CHECKPOINTS") or None,
         s3_endpoint=env.get("STRATA_S3_ENDPOINT") or None,
+        check_data=(env.get("STRATA_DATA_CHECK") or "true").lower() not in ("0", "false", "no", "off"),
     )
 
 
@@ -240,6 +242,7 @@ class StudyService:
         self._locks: dict[str, threading.Lock] = {}  # the create handler and the timer may overlap
         self._health: dict[str, DependencyHealth] = {}  # per study: its database, registry, pod creation
         self._probed: dict[str, float] = {}  # per study: when its registry was last checked
+        self._data_checks: dict[tuple[str, str], int] = {}  # (study, data key) -> data check pods that ended
 
     # --- spec and connections ------------------------------------------------------------------
 
@@ -425,6 +428,13 @@ class StudyService:
             return self._invalid(status, "SecretNotFound", str(error), generation, post)
         scheduler = runtime.scheduler
         try:
+            gate = self._data_gate(namespace, name, uid, runtime, status, generation, post)
+        except STORAGE_ERRORS as error:
+            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {describe(error)}",
+                                      post, health)
+        if gate is not None:
+            return gate
+        try:
             executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study, post)
             outcome, plan, exits = step(scheduler, executor, spec.trials.parallel)
             for number, reason in executor.rejected.items():
@@ -453,6 +463,55 @@ class StudyService:
                                            optuna_name=runtime.study.study_name, generation=generation,
                                            outages=list(health.outages.values()))
         return ReconcileResult(new_status, [], outcome, progress)
+
+    def _data_gate(self, namespace: str, name: str, uid: str, runtime: StudyRuntime, status: dict[str, Any],
+                   generation: int | None, post: Callable[[Happening], None]) -> ReconcileResult | None:
+        """None once the study's data passed its check; else what to report while it is checked or failed.
+
+        The check runs once per study and data settings, in a trainer pod (where trials see the data),
+        before any trial pod: a bad path or a subset larger than the dataset is one InvalidData
+        condition and Warning instead of a failed trial per pod.
+        """
+        spec = runtime.scheduler.spec
+        if not self.settings.check_data:
+            return None
+        key = data_check_key(spec)
+        verdict = runtime.study.user_attrs.get(ATTR_DATA_CHECK)
+        pod_name = builders.data_check_pod_name(name)
+        if isinstance(verdict, dict) and verdict.get("key") == key:
+            if verdict.get("ok"):
+                return None
+            return self._invalid(status, "InvalidData", f"spec.training: {verdict.get('message')}", generation, post)
+        if verdict is None and any(t.state == TrialState.COMPLETE for t in runtime.study.get_trials(
+                deepcopy=False, states=(TrialState.COMPLETE,))):
+            return None  # a study from before data checks, whose trials already trained on this data
+        pods = [p for p in self.api.list_pods(namespace, builders.study_selector(name))
+                if builders.owned_by(p, name) and p["metadata"]["name"] == pod_name]
+        pod = pods[0] if pods else None
+        phase = ((pod or {}).get("status") or {}).get("phase")
+        if pod is None:
+            body = builders.build_data_check_pod(name=name, namespace=namespace, uid=uid, spec=spec,
+                                                 settings=self.settings)
+            try:
+                self.api.create_pod(body)
+            except ApiException as error:
+                return self._invalid(status, "DataCheckFailed", f"data check pod {pod_name}: {_api_reason(error)}",
+                                     generation, post)
+        elif phase in TERMINAL and not pod["metadata"].get("deletionTimestamp"):
+            # It ended without a verdict for these settings (a crash, an eviction, an older key): run it
+            # again, a few times; then it waits for a spec change (or the pod's deletion) instead of looping.
+            code, reason = _termination(pod)
+            attempts = self._data_checks.get((runtime.study.study_name, key), 0) + 1
+            if phase == "Failed" and attempts > DATA_CHECK_ATTEMPTS:
+                return self._invalid(status, "DataCheckFailed", f"data check pod {pod_name} failed {attempts - 1} "
+                                     f"times (last: {reason}, exit code {code}); see its log", generation, post)
+            self._data_checks[(runtime.study.study_name, key)] = attempts
+            self.api.delete_pod(namespace, pod_name, grace_seconds=0)
+        outcome = Outcome(False, "Pending", "CheckingData",
+                          f"checking the dataset in pod {pod_name} before the first trial")
+        return ReconcileResult(builders.build_status(status, runtime.scheduler.progress(), outcome,
+                                                     max_trials=spec.trials.max, optuna_name=runtime.study.study_name,
+                                                     generation=generation), [], outcome)
 
     def _track(self, health: DependencyHealth, dependency: str, error: str | None,
                post: Callable[[Happening], None]) -> None:
