@@ -103,10 +103,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     from strata.architecture import check_space_fits_input
     from strata.executors import LocalProcessExecutor
     from strata.objectstore import ObjectStoreError, open_object_store
+    from strata.redaction import redact
     from strata.registry import LayerRegistry
     from strata.runner import run_loop
     from strata.scheduler import TrialScheduler
-    from strata.redaction import redact
     from strata.study import StorageError, create_or_load_study, open_storage
 
     study, storage_url, name = _resolve(args)

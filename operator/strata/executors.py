@@ -32,11 +32,21 @@ class Executor(Protocol):
     def stop_all(self) -> None: ...
 
 
-def trainer_command(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None,
+STORAGE_ENV = "STRATA_STORAGE_URL"  # where the trainer reads its storage URL by default
+
+
+def trainer_command(storage_url: str | None, study_name: str, trial_number: int, checkpoints: str | None,
                     python: str = "python") -> list[str]:
-    """The one command a trial runs, in a local process or a trainer pod alike."""
-    command = [python, "-m", "strata_trainer", "--storage", storage_url, "--study", study_name,
-               "--trial", str(trial_number)]
+    """The one command a trial runs, in a local process or a trainer pod alike.
+
+    storage_url None (what the executor and pods do): no --storage, the trainer reads
+    $STRATA_STORAGE_URL. A URL given here lands in the process's argv, which anyone on the
+    machine can read (`ps`), password included: pass it through the environment instead.
+    """
+    command = [python, "-m", "strata_trainer"]
+    if storage_url:
+        command += ["--storage", storage_url]
+    command += ["--study", study_name, "--trial", str(trial_number)]
     if checkpoints:
         command += ["--checkpoints", checkpoints]
     return command
@@ -58,12 +68,13 @@ class LocalProcessExecutor:
     def start(self, number: int) -> None:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         # Passive OpenMP waits: spinning threads of parallel trials on shared cores ran 5-15x slower.
+        # The storage URL (it may carry a password) goes in the environment, never on the command line.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, "STRATA_CPU_LIMIT": str(self.threads),
-               "PYTHONUNBUFFERED": "1"}
+               "PYTHONUNBUFFERED": "1", STORAGE_ENV: self.storage_url}
         with open(self.log_path(number), "ab") as log:
             # Own process group: Ctrl-C in the terminal reaches the runner, which stops workers itself.
             proc = subprocess.Popen(
-                trainer_command(self.storage_url, self.study_name, number, self.checkpoints, sys.executable),
+                trainer_command(None, self.study_name, number, self.checkpoints, sys.executable),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
         self._procs[number] = (proc, time.time())
