@@ -1,34 +1,57 @@
 """The HPOStudy CRD and the spec model accept and reject the same manifests.
 
-No API server can run here, so this file admits each manifest as one would, in its order:
-prune unknown fields, drop nulls the schema does not allow, apply the schema's defaults, validate
-against the openAPIV3Schema (jsonschema, after converting the OpenAPI-isms) and evaluate every
-``x-kubernetes-validations`` rule. No CEL library is installed (cel-python is not a dependency), so
-each rule string the generator emits has its meaning written out below as Python; a test fails
-when crd.py grows a rule this file does not know.
+No API server can run here, so this file does what one does, by the rules of its source:
 
-Known, deliberate divergences (each has a case below that pins it):
+* Creating the CRD (kubernetes/apiextensions-apiserver pkg/apis/apiextensions/validation/validation.go,
+  pkg/apiserver/schema/defaulting/validation.go ValidateDefaults): every ``default`` must validate
+  against the schema node it sits on (with kube-openapi's validator, then that node's CEL rules) and
+  be pruned (no field the node does not declare); defaults are never looked for under
+  additionalProperties (forbidden there). ``check_crd`` below; the generated CRD must pass it.
+* kube-openapi's validator (kubernetes/kube-openapi pkg/validation/validate/schema.go,
+  type.go, validator.go basicCommonValidator): a null value runs only the type check (it passes
+  only where the node is ``nullable`` or has no type) and the enum check (an enum never contains
+  null, so null fails any enum even when nullable). ``to_json_schema`` encodes exactly that for
+  jsonschema: nullable adds "null" to the type, never to an enum. int-or-string is the types
+  integer and string (pkg/apiserver/validation/validation.go ConvertJSONSchemaProps). Patterns are
+  RE2 (``$`` is the end of the text; Python's ``$`` also matches before a final newline, so the
+  emulator writes it ``\\Z``).
+* Admitting an object, in the API server's order: prune unknown fields
+  (pkg/apiserver/schema/pruning), delete the nulls of non-nullable fields without a default
+  (defaulting/prunenulls.go PruneNonNullableNullsWithoutDefaults: map entries only, list items
+  stay), apply defaults (defaulting/algorithm.go Default: a property's default where the key is
+  missing or a non-nullable null, then recursing into the value, so defaults nest), validate
+  against the schema, then evaluate every ``x-kubernetes-validations`` rule (only on an object
+  that passed the schema). ``admit`` below.
+* CEL: each rule the generator emits has its meaning written out below as Python (CEL_RULES; a
+  test fails when crd.py grows a rule this file does not know), and cel-python (a real CEL
+  engine, RE2 for matches()) checks those meanings on every table manifest.
+
+Known, deliberate divergences (each has a table that pins it):
 * unknown fields: the model refuses them (extra="forbid"); an API server *prunes* them (and
   ``kubectl apply`` with its default ``--validate=strict`` refuses them before that). The operator
   never sees one on a real cluster; in the emulator (no pruning) it reports InvalidSpec.
-* per-parameter value rules (kernelSize odd, positive filters, optimizer names, fcLayout syntax)
-  live in the model only: a cluster accepts such a manifest and the operator marks it InvalidSpec.
+* MODEL_ONLY: rules the schema cannot express (per-parameter values such as an odd kernelSize,
+  requests <= limits across quantity units, whole extended resources, the deepest network fitting
+  the input, a null categorical choice): a cluster stores such a manifest and the operator marks
+  it InvalidSpec.
 """
 
 from __future__ import annotations
 
 import copy
 import json
+import math
 import re
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 import jsonschema
 import pytest
 import yaml
 
 from strata.crd import PLURAL, build_crd
-from strata.spec import KNOWN_PARAMETERS, SpecError, parse_spec
+from strata.spec import (KNOWN_PARAMETERS, QUALIFIED_NAME_LENGTHS, QUALIFIED_NAME_MAX, QUALIFIED_NAME_PATTERN,
+                         RESOURCE_NAME_LENGTHS, RESOURCE_NAME_PATTERN, SpecError, parse_spec)
 from tests.k8s.fixtures import k8s_api, kubectl  # noqa: F401  (kubectl explain against the emulator)
 from tests.test_spec import DELETE, VALID, manifest  # one valid manifest, changed in one place per case
 
@@ -37,6 +60,7 @@ EXAMPLES = sorted((ROOT / "examples").glob("*.yaml"))
 CRD = build_crd()
 VERSION = CRD["spec"]["versions"][0]
 SCHEMA = VERSION["schema"]["openAPIV3Schema"]
+SPEC_SCHEMA = SCHEMA["properties"]["spec"]
 
 
 # --- what an API server does with a custom resource ---------------------------------------------
@@ -61,30 +85,66 @@ def prune(value: Any, schema: dict[str, Any]) -> Any:
     return value
 
 
-def default(value: Any, schema: dict[str, Any]) -> Any:
-    """Nulls of non-nullable fields are dropped, then missing fields get the schema's default."""
-    if isinstance(value, dict) and schema.get("type", "object") == "object":
+def _field_schema(schema: dict[str, Any] | None, key: str) -> dict[str, Any] | None:
+    """getSchemaForField: the property's schema, else additionalProperties', else none."""
+    if schema is None:
+        return None
+    if key in (schema.get("properties") or {}):
+        return schema["properties"][key]
+    extra = schema.get("additionalProperties")
+    return extra if isinstance(extra, dict) else None
+
+
+def prune_nulls(value: Any, schema: dict[str, Any] | None) -> Any:
+    """PruneNonNullableNullsWithoutDefaults: delete null map entries whose schema is neither nullable
+    nor defaulted (they are left to Default); list items are never deleted."""
+    if isinstance(value, dict):
+        result = {}
+        for key, item in value.items():
+            sub = _field_schema(schema, key)
+            if item is None and sub is not None and not sub.get("nullable") and "default" not in sub:
+                continue
+            result[key] = prune_nulls(item, sub)
+        return result
+    if isinstance(value, list):
+        items = schema.get("items") if schema else None
+        return [prune_nulls(item, items) for item in value]
+    return value
+
+
+def apply_defaults(value: Any, schema: dict[str, Any] | None) -> Any:
+    """Default (algorithm.go): a missing or non-nullable null property gets its default, deep-copied;
+    then every value is defaulted by its own schema (so a defaulted object gets its nested defaults)."""
+    if schema is None:
+        return value
+    if isinstance(value, dict):
         result = dict(value)
-        for key, sub in (schema.get("properties") or {}).items():
-            if key in result and result[key] is None and not sub.get("nullable"):
-                del result[key]
-            if key not in result and "default" in sub:
+        properties = schema.get("properties") or {}
+        for key, sub in properties.items():
+            if "default" in sub and (key not in result or (result[key] is None and not sub.get("nullable"))):
                 result[key] = copy.deepcopy(sub["default"])
-            if key in result:
-                result[key] = default(result[key], sub)
-        if isinstance(schema.get("additionalProperties"), dict):
-            declared = schema.get("properties") or {}
-            for key in result:
-                if key not in declared:
-                    result[key] = default(result[key], schema["additionalProperties"])
+        extra = schema.get("additionalProperties")
+        for key in list(result):
+            if key in properties:
+                result[key] = apply_defaults(result[key], properties[key])
+            elif isinstance(extra, dict):
+                if result[key] is None and not extra.get("nullable"):
+                    result[key] = copy.deepcopy(extra.get("default"))
+                result[key] = apply_defaults(result[key], extra)
         return result
     if isinstance(value, list) and isinstance(schema.get("items"), dict):
-        return [default(item, schema["items"]) for item in value]
+        items = schema["items"]
+        return [apply_defaults(copy.deepcopy(items.get("default")) if item is None and not items.get("nullable")
+                               else item, items) for item in value]
     return value
 
 
 def to_json_schema(node: Any) -> Any:
-    """OpenAPI v3.0 -> JSON Schema 2020-12: nullable -> a "null" type, boolean exclusive bounds -> numbers."""
+    """OpenAPI v3.0 as kube-openapi validates it -> JSON Schema 2020-12 for jsonschema.
+
+    nullable -> "null" added to the type, never to an enum (a null fails any enum); boolean
+    exclusive bounds -> numeric ones; int-or-string -> integer or string; RE2's final ``$`` -> ``\\Z``.
+    """
     if isinstance(node, list):
         return [to_json_schema(n) for n in node]
     if not isinstance(node, dict):
@@ -100,6 +160,8 @@ def to_json_schema(node: Any) -> Any:
             out[key] = {k: to_json_schema(v) for k, v in value.items()}
         elif key in ("items", "additionalProperties"):
             out[key] = to_json_schema(value)
+        elif key == "pattern":
+            out[key] = value[:-1] + r"\Z" if value.endswith("$") else value
         else:
             out[key] = copy.deepcopy(value)
     for bound, exclusive in (("minimum", "exclusiveMinimum"), ("maximum", "exclusiveMaximum")):
@@ -107,21 +169,32 @@ def to_json_schema(node: Any) -> Any:
             out[exclusive] = out.pop(bound)
     if node.get("x-kubernetes-int-or-string"):
         out["type"] = ["integer", "string"]
-    if node.get("nullable"):
-        if "type" in out:
-            out["type"] = [out["type"], "null"]
-        if "enum" in out:
-            out["enum"] = [*out["enum"], None]
+    if node.get("nullable") and "type" in out:
+        out["type"] = [*([out["type"]] if isinstance(out["type"], str) else out["type"]), "null"]
     return out
 
 
-# The meaning of every CEL rule crd.py emits. has(self.f): the field is set (and not null).
+_ROOT_VALIDATOR = jsonschema.Draft202012Validator(to_json_schema(SCHEMA))
+
+
+def schema_errors(value: Any, schema: dict[str, Any]) -> list[str]:
+    validator = _ROOT_VALIDATOR if schema is SCHEMA else jsonschema.Draft202012Validator(to_json_schema(schema))
+    return [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in validator.iter_errors(value)]
+
+
+# The meaning of every CEL rule crd.py emits. has(self.f): the field is set (no null reaches CEL:
+# nothing in the spec is nullable, so nulls are pruned or defaulted before the rules run).
 def _has(obj: dict[str, Any], field: str) -> bool:
     return obj.get(field) is not None
 
 
 def _integral(x: float) -> bool:
     return float(x) == float(int(x))
+
+
+def _re2(pattern: str, text: str) -> bool:
+    """RE2's matches() with an anchored pattern: the whole text (no final-newline leeway)."""
+    return re.fullmatch(pattern, text) is not None
 
 
 _KNOWN_LIST = "[" + ", ".join(f"'{name}'" for name in KNOWN_PARAMETERS) + "]"
@@ -157,6 +230,31 @@ CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     # trials
     "!has(self.parallel) || self.parallel <= self.max":
         lambda s: not _has(s, "parallel") or s["parallel"] <= s["max"],
+    # objective: the direction follows the metric, the goal is a value the metric can take
+    "!has(self.direction) || (self.direction == 'minimize') == (!has(self.metric) || self.metric == 'val_loss')":
+        lambda s: (not _has(s, "direction")
+                   or (s["direction"] == "minimize") == (s.get("metric", "val_loss") == "val_loss")),
+    "!has(self.goal) || self.goal >= 0.0":
+        lambda s: not _has(s, "goal") or s["goal"] >= 0.0,
+    "!has(self.goal) || !has(self.metric) || self.metric != 'val_accuracy' || self.goal <= 1.0":
+        lambda s: not _has(s, "goal") or not _has(s, "metric") or s["metric"] != "val_accuracy" or s["goal"] <= 1.0,
+    # nodeSelector maps: qualified-name keys
+    f"self.all(k, k.matches('{QUALIFIED_NAME_PATTERN}') && k.matches('{QUALIFIED_NAME_LENGTHS}'))":
+        lambda s: all(_re2(QUALIFIED_NAME_PATTERN, k) and _re2(QUALIFIED_NAME_LENGTHS, k) for k in s),
+    # requests and limits: container resource names
+    f"self.all(k, k.matches('{RESOURCE_NAME_PATTERN}') && k.matches('{RESOURCE_NAME_LENGTHS}') && "
+    "!k.startsWith('requests.'))":
+        lambda s: all(_re2(RESOURCE_NAME_PATTERN, k) and _re2(RESOURCE_NAME_LENGTHS, k)
+                      and not k.startswith("requests.") for k in s),
+    # a toleration, and its key
+    "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')":
+        lambda s: bool(s.get("key")) or s.get("operator") == "Exists",
+    "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''":
+        lambda s: s.get("operator") != "Exists" or not s.get("value"),
+    "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')":
+        lambda s: not _has(s, "tolerationSeconds") or s.get("effect") == "NoExecute",
+    f"self == '' || self.matches('{QUALIFIED_NAME_LENGTHS}')":
+        lambda s: s == "" or _re2(QUALIFIED_NAME_LENGTHS, s),
     # spec
     "!has(self.sampler) || !has(self.sampler.name) || self.sampler.name != 'grid' || "
     "self.searchSpace.all(k, self.searchSpace[k].type != 'float' || has(self.searchSpace[k].step))":
@@ -186,13 +284,15 @@ def cel_failures(value: Any, schema: dict[str, Any]) -> list[str]:
             if not CEL_RULES[rule["rule"]](node)]
 
 
-VALIDATOR = jsonschema.Draft202012Validator(to_json_schema(SCHEMA))
+def stored_form(document: Any, schema: dict[str, Any] = SCHEMA) -> Any:
+    """The object after the API server's mutating steps, in its order: prune, prune nulls, default."""
+    return apply_defaults(prune_nulls(prune(copy.deepcopy(document), schema), schema), schema)
 
 
 def admit(document: dict[str, Any]) -> tuple[dict[str, Any] | None, list[str]]:
     """(the object as stored, []) or (None, errors): what `kubectl apply` would get from a cluster."""
-    stored = default(prune(copy.deepcopy(document), SCHEMA), SCHEMA)
-    errors = [f"{'.'.join(map(str, e.absolute_path)) or '<root>'}: {e.message}" for e in VALIDATOR.iter_errors(stored)]
+    stored = stored_form(document)
+    errors = schema_errors(stored, SCHEMA)
     if errors:  # like the API server: CEL rules run only on values that passed the schema
         return None, errors
     errors = cel_failures(stored, SCHEMA)
@@ -205,6 +305,147 @@ def model_accepts(spec: Any) -> tuple[bool, str]:
         return True, ""
     except SpecError as error:
         return False, str(error)
+
+
+# --- creating the CRD: what the API server checks of the schema itself ---------------------------
+
+
+def defaults(schema: dict[str, Any], path: str = "", under_additional: bool = False
+             ) -> Iterator[tuple[str, dict[str, Any], bool]]:
+    """(path, node, whether it is under additionalProperties) for every node with a default."""
+    if "default" in schema:
+        yield path or "<root>", schema, under_additional
+    for name, sub in (schema.get("properties") or {}).items():
+        yield from defaults(sub, f"{path}.{name}", under_additional)
+    if isinstance(schema.get("items"), dict):
+        yield from defaults(schema["items"], f"{path}[]", under_additional)
+    if isinstance(schema.get("additionalProperties"), dict):
+        yield from defaults(schema["additionalProperties"], f"{path}{{}}", True)
+
+
+def check_crd(schema: dict[str, Any]) -> list[str]:
+    """ValidateDefaults over a whole schema: each default validates against its own node (schema, then
+    its CEL rules) and is pruned; none under additionalProperties. [] when the CRD can be created."""
+    problems = []
+    for path, node, under_additional in defaults(schema):
+        value = node["default"]
+        if under_additional:
+            problems.append(f"{path}: a default under additionalProperties is forbidden")
+            continue
+        if prune(copy.deepcopy(value), node) != value:
+            problems.append(f"{path}.default: must not have unknown fields")
+        errors = schema_errors(value, node)
+        problems += [f"{path}.default: {e}" for e in errors]
+        if not errors:
+            problems += [f"{path}.default: {e}" for e in cel_failures(value, node)]
+    return problems
+
+
+def _walk(node: Any, path: str = "") -> Iterator[tuple[str, dict[str, Any]]]:
+    if isinstance(node, dict):
+        yield path or "<root>", node
+        for name, sub in (node.get("properties") or {}).items():
+            yield from _walk(sub, f"{path}.{name}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                yield from _walk(node[key], f"{path}.{key}")
+
+
+def test_the_crd_passes_the_api_servers_checks_of_its_defaults():
+    assert check_crd(SCHEMA) == []
+    assert [p for p, _, _ in defaults(SPEC_SCHEMA)], "the spec has defaults to check"
+
+
+def test_no_node_is_nullable_beside_an_enum_and_nothing_in_the_spec_is_nullable():
+    assert [p for p, n in _walk(SCHEMA) if n.get("nullable") and "enum" in n] == []
+    assert [p for p, n in _walk(SPEC_SCHEMA) if "nullable" in n] == []
+    assert "null" not in json.dumps([n["default"] for _, n, _ in defaults(SCHEMA)])
+
+
+def test_the_emulator_has_kube_openapis_null_and_enum_semantics():
+    enum = {"type": "string", "enum": ["minimize", "maximize"]}
+    assert schema_errors(None, enum)  # not nullable: null fails the type
+    assert schema_errors(None, {**enum, "nullable": True})  # nullable: null still fails the enum
+    assert schema_errors(None, {"type": "string", "nullable": True}) == []
+    assert schema_errors(None, {"x-kubernetes-preserve-unknown-fields": True}) == []  # no type: null passes
+    assert schema_errors(None, {"x-kubernetes-int-or-string": True})
+    assert schema_errors("ok\n", {"type": "string", "pattern": "^ok$"})  # RE2: $ is the end of the text
+    int_or_string = {"x-kubernetes-int-or-string": True}
+    assert schema_errors(0.5, int_or_string) and not schema_errors(2.0, int_or_string)  # 2.0 is an integer
+
+
+def test_the_old_generators_null_default_is_refused_at_crd_creation():
+    """What the API server said of the CRD before: spec.objective's default had direction: null."""
+    objective = copy.deepcopy(SPEC_SCHEMA["properties"]["objective"])
+    objective["default"] = {"metric": "val_loss", "direction": None, "goal": None}
+    objective["properties"]["direction"]["nullable"] = True
+    assert check_crd(objective) != []
+    extra = {"type": "object", "additionalProperties": {"type": "string", "default": "x"}}
+    assert check_crd(extra) == ["{}: a default under additionalProperties is forbidden"]
+    unpruned = {"type": "object", "properties": {"a": {"type": "object", "default": {"b": 1}, "properties": {}}}}
+    assert check_crd(unpruned) == [".a.default: must not have unknown fields"]
+
+
+def test_admission_prunes_nulls_then_defaults_in_the_api_servers_order():
+    schema = {"type": "object", "properties": {
+        "a": {"type": "integer", "default": 1},
+        "b": {"type": "string"},
+        "c": {"type": "object", "default": {}, "properties": {"d": {"type": "integer", "default": 2}}},
+        "m": {"type": "object", "additionalProperties": {"type": "string"}},
+        "l": {"type": "array", "items": {"type": "string"}}}}
+    document = {"a": None, "b": None, "m": {"x": None, "y": "z"}, "l": [None, "w"], "unknown": 3}
+    assert stored_form(document, schema) == {"a": 1, "c": {"d": 2}, "m": {"y": "z"}, "l": [None, "w"]}
+    assert schema_errors(stored_form(document, schema), schema)  # the null list item fails
+
+
+# --- CEL cost: the API server refuses a CRD whose rules may cost too much -------------------------
+# apiextensions validation.go: StaticEstimatedCostLimit 1e7 per rule (times the rule's cardinality:
+# the product of maxItems/maxProperties above it, cel_validation.go), StaticEstimatedCRDCostLimit 1e8
+# in all. cel-go prices matches() at (string length x 0.1) x (regex length x 0.25). This estimate is
+# coarse and on the safe side: it exists to catch a rule over an unbounded list, map or string.
+RULE_BASE_COST = 100
+MAP_KEY_SIZE = QUALIFIED_NAME_MAX  # keys have no maxLength in a schema; the estimator sizes them small
+
+
+def _estimated_cost(rule: str, node: dict[str, Any]) -> float:
+    iterations = 1
+    for target in re.findall(r"(self(?:\.\w+)?)\.all\(", rule):
+        sub = node if target == "self" else node["properties"][target.split(".")[1]]
+        assert "maxProperties" in sub or "maxItems" in sub, f"{rule}: iterates an unbounded {target}"
+        iterations *= sub.get("maxProperties", sub.get("maxItems"))
+    matches = 0.0
+    for target, pattern in re.findall(r"(\w+(?:\.\w+)?)\.matches\('([^']*)'\)", rule):
+        if target == "k":
+            size = MAP_KEY_SIZE
+        elif target == "self":
+            size = node.get("maxLength")
+        else:
+            size = node["properties"][target.split(".")[1]].get("maxLength")
+        assert size is not None, f"{rule}: matches() on {target}, a string without maxLength"
+        matches += math.ceil(size * 0.1) * math.ceil(len(pattern) * 0.25)
+    return (RULE_BASE_COST + matches) * iterations
+
+
+def _rule_cardinalities(node: dict[str, Any], cardinality: int | None = 1, path: str = ""):
+    for rule in node.get("x-kubernetes-validations", []):
+        yield path or "<root>", rule["rule"], node, cardinality
+    bound = node.get("maxItems", node.get("maxProperties"))
+    below = None if cardinality is None or bound is None else cardinality * bound
+    for name, sub in (node.get("properties") or {}).items():
+        yield from _rule_cardinalities(sub, cardinality, f"{path}.{name}")
+    for key in ("items", "additionalProperties"):
+        if isinstance(node.get(key), dict):
+            yield from _rule_cardinalities(node[key], below, f"{path}.{key}")
+
+
+def test_every_cel_rule_is_bounded_within_the_api_servers_cost_limits():
+    total = 0.0
+    for path, rule, node, cardinality in _rule_cardinalities(SCHEMA):
+        assert cardinality is not None, f"{path}: a rule under a list or map without maxItems/maxProperties"
+        cost = _estimated_cost(rule, node) * cardinality
+        assert cost <= 1e7, (path, rule, cost)
+        total += cost
+    assert total <= 1e8, total
 
 
 # --- the table ----------------------------------------------------------------------------------
@@ -236,6 +477,20 @@ FULL = manifest(spec__objective={"metric": "val_accuracy", "direction": "maximiz
                                        "tolerations": [{"key": "nvidia.com/gpu", "operator": "Exists"}]}},
                 spec__suspend=True)
 
+
+def trainer(**fields: Any) -> dict[str, Any]:
+    return manifest(spec__trainer=fields)
+
+
+def resources(requests: dict[str, Any] | None = None, limits: dict[str, Any] | None = None) -> dict[str, Any]:
+    return trainer(resources={**({"requests": requests} if requests is not None else {}),
+                              **({"limits": limits} if limits is not None else {})})
+
+
+def toleration(**fields: Any) -> dict[str, Any]:
+    return trainer(tolerations=[fields])
+
+
 ACCEPTED = {
     **{f"example {p.stem}": yaml.safe_load(p.read_text()) for p in EXAMPLES},
     "minimal": VALID,
@@ -246,8 +501,68 @@ ACCEPTED = {
     "int given as a whole float": manifest(spec__searchSpace__convLayers={"type": "int", "low": 1.0, "high": 3}),
     "int log scale with step 1": manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 3,
                                                                          "log": True, "step": 1}),
-    "resource quantities as numbers": manifest(spec__trainer={"resources": {"requests": {"cpu": 1},
-                                                                           "limits": {"cpu": 2, "memory": "4Gi"}}}),
+    "resource quantities as numbers": resources({"cpu": 1}, {"cpu": 2, "memory": "4Gi"}),
+    "a whole float quantity": resources({"cpu": 1.0}, {"cpu": 2.0}),
+    "quantities in every form": resources({"cpu": "500m", "memory": "1.5G", "ephemeral-storage": "1e3"},
+                                          {"cpu": ".5", "memory": "2Gi", "ephemeral-storage": "+2k"}),
+    "an extended resource requested as limited": resources({"example.com/fpga": "1"}, {"example.com/fpga": 1}),
+    "hugepages with memory": resources({"hugepages-2Mi": "64Mi", "memory": "1Gi"},
+                                       {"hugepages-2Mi": "64Mi", "memory": "2Gi"}),
+    "no requests at all": resources({}, {"cpu": "1"}),
+    "qualified nodeSelector keys and label values": trainer(nodeSelector={
+        "kubernetes.io/arch": "amd64", "node.example.com/pool": "gpu_a-1.x", "empty": "", "A_b.c-9": "Z"}),
+    "toleration with NoExecute seconds": toleration(key="node.kubernetes.io/unreachable", operator="Exists",
+                                                    effect="NoExecute", tolerationSeconds=300),
+    "toleration of every taint": toleration(operator="Exists"),
+    "toleration with Equal and an empty value": toleration(key="spot", value="", effect="PreferNoSchedule"),
+    "secret names that are DNS subdomains": manifest(spec__storage={"databaseSecret": {"name": "db.prod-1",
+                                                                                         "key": ".url_2-x"},
+                                                                    "objectStoreSecret": "s3.creds"}),
+    "an image with a registry and digest": trainer(image="registry.example.com:5000/strata/trainer@sha256:abc"),
+    "val_accuracy goal 1": manifest(spec__objective={"metric": "val_accuracy", "goal": 1}),
+    "val_loss goal 0": manifest(spec__objective={"metric": "val_loss", "direction": "minimize", "goal": 0}),
+    "a 253-character secret name": manifest(spec__storage={"databaseSecret": {"name": ".".join(["a" * 63] * 4)[:253],
+                                                                              "key": "k"}}),
+    "the longest timeoutSeconds": manifest(spec__trials={"max": 8, "timeoutSeconds": 2**31 - 1 - 60}),
+}
+
+# Explicit nulls, as a real API server takes them: nothing in the spec is nullable, so a null field
+# without a default is deleted (PruneNonNullableNullsWithoutDefaults) and one with a default gets it
+# (Default); the model reads a null as unset. A null list item stays and fails the item's type.
+NULLS_ACCEPTED = {
+    "direction: null": manifest(spec__objective={"metric": "val_loss", "direction": None}),
+    "goal: null": manifest(spec__objective={"goal": None}),
+    "metric: null (defaulted)": manifest(spec__objective={"metric": None, "direction": "minimize"}),
+    "objective: null (defaulted)": manifest(spec__objective=None),
+    "effect: null in a toleration": toleration(key="k", operator="Exists", effect=None),
+    "key and value null in a toleration": toleration(key=None, operator="Exists", value=None),
+    "operator: null in a toleration (defaulted to Equal)": toleration(key="k", operator=None, value="v"),
+    "trials.parallel: null (defaulted to 1)": manifest(spec__trials={"max": 8, "parallel": None}),
+    "trials.timeoutSeconds: null": manifest(spec__trials={"max": 8, "timeoutSeconds": None}),
+    "training: null (defaulted)": manifest(spec__training=None),
+    "training.dataset.path: null": manifest(spec__training={"dataset": {"name": "mnist", "path": None}}),
+    "sampler.seed: null": manifest(spec__sampler={"name": "tpe", "seed": None}),
+    "suspend: null (defaulted to false)": manifest(spec__suspend=None),
+    "storage.databaseSecret: null": manifest(spec__storage={"databaseSecret": None}),
+    "trainer.image: null": trainer(image=None),
+    "a null nodeSelector entry (deleted)": trainer(nodeSelector={"pool": None, "zone": "a"}),
+    "a null resource request (deleted)": resources({"cpu": None}, {"cpu": "2"}),
+    "requests: null (the model's default)": trainer(resources={"requests": None, "limits": {"cpu": "2"}}),
+    "a null searchSpace entry (deleted)": manifest(spec__searchSpace__kernelSize=None),
+    "a float step: null": manifest(spec__searchSpace__learningRate={"type": "float", "low": 0.1, "high": 0.2,
+                                                                    "step": None}),
+}
+
+NULLS_REJECTED = {
+    "a null toleration in the list": trainer(tolerations=[None]),
+    "a null gpu toleration in the list": trainer(gpu={"tolerations": [{"key": "a", "operator": "Exists"}, None]}),
+    "trials: null (required)": manifest(spec__trials=None),
+    "trials.max: null (required)": manifest(spec__trials={"max": None}),
+    "searchSpace: null (required)": manifest(spec__searchSpace=None),
+    "parameter type: null": manifest(spec__searchSpace__convLayers={"type": None, "low": 1, "high": 3}),
+    "parameter low: null": manifest(spec__searchSpace__convLayers={"type": "int", "low": None, "high": 3}),
+    "the only parameter null (an empty searchSpace)": manifest(spec__searchSpace={"convLayers": None}),
+    "databaseSecret.key: null (required)": manifest(spec__storage={"databaseSecret": {"name": "db", "key": None}}),
 }
 
 REJECTED = {
@@ -278,6 +593,7 @@ REJECTED = {
     "validationSplit 1": manifest(spec__training={"validationSplit": 1}),
     "validationSplit 0": manifest(spec__training={"validationSplit": 0}),
     "gpu count 0": manifest(spec__trainer={"gpu": {"enabled": True, "count": 0}}),
+    "timeoutSeconds past activeDeadlineSeconds' int32": manifest(spec__trials={"max": 8, "timeoutSeconds": 2**31}),
     # parameters
     "int low above high": manifest(spec__searchSpace__convLayers={"type": "int", "low": 3, "high": 1}),
     "float low above high": manifest(spec__searchSpace__learningRate={"type": "float", "low": 0.1, "high": 0.01}),
@@ -309,6 +625,69 @@ REJECTED = {
     "missing searchSpace": manifest(spec__searchSpace=DELETE),
     "missing spec": manifest(spec=DELETE),
     "databaseSecret without key": manifest(spec__storage={"databaseSecret": {"name": "db"}}),
+    # the objective: a direction against the metric, a goal it cannot reach
+    "val_loss maximized": manifest(spec__objective={"metric": "val_loss", "direction": "maximize", "goal": 0.3}),
+    "val_accuracy minimized": manifest(spec__objective={"metric": "val_accuracy", "direction": "minimize"}),
+    "default metric maximized": manifest(spec__objective={"direction": "maximize"}),
+    "negative val_loss goal": manifest(spec__objective={"metric": "val_loss", "goal": -0.1}),
+    "val_accuracy goal 1.5": manifest(spec__objective={"metric": "val_accuracy", "goal": 1.5}),
+    "val_accuracy goal in percent": manifest(spec__objective={"metric": "val_accuracy", "goal": 90}),
+    # what a pod cannot have: quantities
+    "memory limit 'lots'": resources(limits={"memory": "lots"}),
+    "an empty quantity": resources({"cpu": ""}),
+    "a quantity with a space": resources(limits={"memory": "2 Gi"}),
+    "a negative quantity string": resources({"cpu": "-1"}),
+    "a negative quantity number": resources({"cpu": -1}),
+    "a fractional quantity number": resources({"cpu": 0.5}),
+    "a quantity with a lowercase binary suffix": resources(limits={"memory": "2gi"}),
+    "a quantity that is a bool": resources({"cpu": True}),
+    # resource names
+    "an unknown standard resource": resources({"gpu": "1"}, {"gpu": "1"}),
+    "a resource name with a space": resources(limits={"nvidia gpu": "1"}),
+    "a requests. prefix": resources({"requests.nvidia.com/gpu": "1"}),
+    "an uppercase resource": resources({"CPU": "1"}),
+    "a resource map too long": resources(limits={f"example.com/r{i}": "1" for i in range(17)}),
+    # nodeSelector
+    "nodeSelector key with a space": trainer(nodeSelector={"my pool": "a"}),
+    "nodeSelector key with two slashes": trainer(nodeSelector={"a/b/c": "a"}),
+    "nodeSelector key name of 64": trainer(nodeSelector={"k" * 64: "a"}),
+    "nodeSelector key prefix of 254": trainer(nodeSelector={".".join(["a" * 63] * 4)[:252] + "aa/k": "a"}),
+    "nodeSelector key with an uppercase prefix": trainer(nodeSelector={"Example.com/pool": "a"}),
+    "nodeSelector value of 64": trainer(nodeSelector={"pool": "v" * 64}),
+    "nodeSelector value ending in a dash": trainer(nodeSelector={"pool": "gpu-"}),
+    "nodeSelector value with a slash": trainer(nodeSelector={"pool": "a/b"}),
+    "nodeSelector value is a number": trainer(nodeSelector={"pool": 1}),
+    "gpu nodeSelector key invalid": trainer(gpu={"nodeSelector": {"-gpu": "a100"}}),
+    "nodeSelector with 65 labels": trainer(nodeSelector={f"k{i}": "v" for i in range(65)}),
+    # tolerations
+    "toleration key invalid": toleration(key="bad key", operator="Exists"),
+    "toleration key name of 64": toleration(key="k" * 64, operator="Exists"),
+    "toleration value invalid": toleration(key="k", value="not ok"),
+    "toleration value of 64": toleration(key="k", value="v" * 64),
+    "operator Exists with a value": toleration(key="k", operator="Exists", value="v"),
+    "a toleration without key and Equal": toleration(value="v"),
+    "a toleration without key, operator defaulted": toleration(effect="NoSchedule"),
+    "tolerationSeconds without an effect": toleration(key="k", operator="Exists", tolerationSeconds=60),
+    "tolerationSeconds with NoSchedule": toleration(key="k", operator="Exists", effect="NoSchedule",
+                                                    tolerationSeconds=60),
+    "bad enum: toleration effect": toleration(key="k", operator="Exists", effect="NoEvict"),
+    "33 tolerations": trainer(tolerations=[{"key": f"k{i}", "operator": "Exists"} for i in range(33)]),
+    "gpu toleration without key": trainer(gpu={"tolerations": [{"value": "x"}]}),
+    # image, service account, Secrets
+    "an empty image": trainer(image=""),
+    "an image with a space": trainer(image="trainer: 1"),
+    "an image with a trailing newline": trainer(image="trainer:1\n"),
+    "an uppercase serviceAccountName": trainer(serviceAccountName="Trainer"),
+    "a serviceAccountName with an underscore": trainer(serviceAccountName="my_sa"),
+    "an empty serviceAccountName": trainer(serviceAccountName=""),
+    "an uppercase Secret name": manifest(spec__storage={"databaseSecret": {"name": "DB", "key": "url"}}),
+    "a Secret name of 254": manifest(spec__storage={"databaseSecret": {"name": "a" * 254, "key": "url"}}),
+    "a Secret key with a slash": manifest(spec__storage={"databaseSecret": {"name": "db", "key": "a/b"}}),
+    "a Secret key '..'": manifest(spec__storage={"databaseSecret": {"name": "db", "key": ".."}}),
+    "a Secret key starting with '..'": manifest(spec__storage={"databaseSecret": {"name": "db", "key": "..url"}}),
+    "a Secret key of 254": manifest(spec__storage={"databaseSecret": {"name": "db", "key": "k" * 254}}),
+    "an empty Secret key": manifest(spec__storage={"databaseSecret": {"name": "db", "key": ""}}),
+    "an objectStoreSecret with a slash": manifest(spec__storage={"objectStoreSecret": "ns/s3"}),
 }
 
 # The model refuses these and a cluster stores them (see the module docstring): pinned both ways.
@@ -316,28 +695,54 @@ UNKNOWN_FIELDS = {
     "unknown spec field": manifest(spec__maxTrials=8),
     "unknown trials field": manifest(spec__trials__parralel=2),
     "unknown parameter field": manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 3, "lo": 1}),
+    "unknown toleration field": toleration(key="k", operator="Exists", effects="NoSchedule"),
 }
-MODEL_ONLY = {
-    "even kernelSize": manifest(spec__searchSpace__kernelSize={"type": "categorical", "choices": [4]}),
-    "unknown optimizer": manifest(spec__searchSpace__optimizer={"type": "categorical", "choices": ["adamw"]}),
-    "fcLayout that is not a layout": manifest(spec__searchSpace__fcLayout={"type": "categorical", "choices": ["big"]}),
-    "zero filters": manifest(spec__searchSpace__filters={"type": "int", "low": 0, "high": 8}),
+# name -> (manifest, the field the model's message names): what the schema cannot express.
+MODEL_ONLY: dict[str, tuple[dict[str, Any], str]] = {
+    "even kernelSize": (manifest(spec__searchSpace__kernelSize={"type": "categorical", "choices": [4]}),
+                        "spec.searchSpace"),
+    "unknown optimizer": (manifest(spec__searchSpace__optimizer={"type": "categorical", "choices": ["adamw"]}),
+                          "spec.searchSpace"),
+    "fcLayout that is not a layout": (manifest(spec__searchSpace__fcLayout={"type": "categorical",
+                                                                            "choices": ["big"]}), "spec.searchSpace"),
+    "zero filters": (manifest(spec__searchSpace__filters={"type": "int", "low": 0, "high": 8}), "spec.searchSpace"),
+    "a null categorical choice": (manifest(spec__searchSpace__filters={"type": "categorical", "choices": [8, None]}),
+                                  "spec.searchSpace.filters.choices.1"),
+    "a network too deep for its input": (manifest(spec__searchSpace__convLayers={"type": "int", "low": 1,
+                                                                                 "high": 5}),
+                                         "spec.searchSpace.convLayers"),
+    "a cpu request above its limit": (resources({"cpu": "3"}, {"cpu": "2"}), "spec.trainer.resources"),
+    "a memory request above its limit across units": (resources({"memory": "2G"}, {"memory": "1900Mi"}),
+                                                      "spec.trainer.resources"),
+    "a limit below the default request": (resources(limits={"cpu": "500m", "memory": "4Gi"}),
+                                          "spec.trainer.resources"),
+    "an extended resource requested without a limit": (resources({"example.com/fpga": "1"}, {}),
+                                                       "spec.trainer.resources"),
+    "an extended resource requested below its limit": (resources({"example.com/fpga": "1"}, {"example.com/fpga": "2"}),
+                                                       "spec.trainer.resources"),
+    "a fractional extended resource": (resources({}, {"example.com/fpga": "500m"}), "spec.trainer.resources"),
+    "hugepages without cpu or memory": (resources({"hugepages-2Mi": "2Mi"}, {"hugepages-2Mi": "2Mi"}),
+                                        "spec.trainer.resources"),
+    "nvidia.com/gpu in resources with gpu.enabled": (trainer(resources={"limits": {"cpu": "2", "nvidia.com/gpu": 1}},
+                                                             gpu={"enabled": True}), "spec.trainer"),
 }
-# Pydantic's lax mode coerces these; the schema (rightly) refuses them. spec.py should validate
-# strictly (e.g. StrictInt/StrictBool): until then they are expected failures.
+# Pydantic's lax mode would coerce these; the model validates strictly, as the schema does.
 LAX_MODEL = {
     "trials.max as a numeric string": manifest(spec__trials__max="8"),
     "suspend as a word": manifest(spec__suspend="yes"),
     "sampler seed as a string": manifest(spec__sampler={"seed": "7"}),
 }
+BOTH_ACCEPT = {**ACCEPTED, **NULLS_ACCEPTED}
+BOTH_REJECT = {**REJECTED, **NULLS_REJECTED}
 
 
 def test_the_table_is_big_enough():
-    assert len(ACCEPTED) + len(REJECTED) + len(UNKNOWN_FIELDS) + len(MODEL_ONLY) >= 25
+    assert len(BOTH_ACCEPT) + len(BOTH_REJECT) + len(UNKNOWN_FIELDS) + len(MODEL_ONLY) >= 150
     assert len(ACCEPTED) >= len(EXAMPLES) + 3 and len(EXAMPLES) >= 3
+    assert len(NULLS_ACCEPTED) >= 15 and len(NULLS_REJECTED) >= 5
 
 
-@pytest.mark.parametrize("document", ACCEPTED.values(), ids=ACCEPTED.keys())
+@pytest.mark.parametrize("document", BOTH_ACCEPT.values(), ids=BOTH_ACCEPT.keys())
 def test_both_accept(document):
     stored, errors = admit(document)
     assert stored is not None, errors
@@ -347,14 +752,32 @@ def test_both_accept(document):
     assert parse_spec(stored["spec"]) == parse_spec(document["spec"])
 
 
-@pytest.mark.parametrize("document", REJECTED.values(), ids=REJECTED.keys())
+@pytest.mark.parametrize("document", BOTH_REJECT.values(), ids=BOTH_REJECT.keys())
 def test_both_reject(document):
     stored, errors = admit(document)
     accepted, message = model_accepts(document.get("spec"))
     assert stored is None, "the CRD schema accepts it"
     assert errors
     assert not accepted, "the model accepts it"
-    assert message.startswith("spec"), message  # the model's message names the field
+    assert message.startswith("spec") and len(message.splitlines()) == 1, message  # one line naming the field
+
+
+def test_explicit_nulls_are_stored_as_a_real_api_server_stores_them():
+    def stored(name: str) -> dict[str, Any]:
+        return admit(NULLS_ACCEPTED[name])[0]["spec"]
+
+    assert stored("trials.parallel: null (defaulted to 1)")["trials"] == {"max": 8, "parallel": 1, "maxFailed": 3,
+                                                                         "retries": 1}
+    assert "direction" not in stored("direction: null")["objective"]
+    assert stored("objective: null (defaulted)")["objective"] == {"metric": "val_loss"}
+    assert stored("effect: null in a toleration")["trainer"]["tolerations"] == [{"key": "k", "operator": "Exists"}]
+    defaulted = stored("operator: null in a toleration (defaulted to Equal)")["trainer"]["tolerations"][0]
+    assert defaulted["operator"] == "Equal"
+    assert stored("a null nodeSelector entry (deleted)")["trainer"]["nodeSelector"] == {"zone": "a"}
+    assert "kernelSize" not in stored("a null searchSpace entry (deleted)")["searchSpace"]
+    assert stored("suspend: null (defaulted to false)")["suspend"] is False
+    assert admit(NULLS_REJECTED["a null toleration in the list"])[1] == [
+        "spec.trainer.tolerations.0: None is not of type 'object'"]
 
 
 @pytest.mark.parametrize("document", UNKNOWN_FIELDS.values(), ids=UNKNOWN_FIELDS.keys())
@@ -363,16 +786,17 @@ def test_unknown_fields_are_refused_by_the_model_and_pruned_by_a_cluster(documen
     assert not accepted and message.endswith("unknown field"), message
     stored, errors = admit(document)
     assert stored is not None, errors
-    assert stored["spec"] != default(document["spec"], SCHEMA["properties"]["spec"])  # the field is gone
+    unpruned = apply_defaults(prune_nulls(copy.deepcopy(document["spec"]), SPEC_SCHEMA), SPEC_SCHEMA)
+    assert stored["spec"] != unpruned  # the field is gone
     assert model_accepts(stored["spec"]) == (True, "")
 
 
-@pytest.mark.parametrize("document", MODEL_ONLY.values(), ids=MODEL_ONLY.keys())
-def test_value_rules_of_named_parameters_live_in_the_model_only(document):
+@pytest.mark.parametrize("document, field", MODEL_ONLY.values(), ids=MODEL_ONLY.keys())
+def test_what_the_schema_cannot_express_lives_in_the_model_only(document, field):
     stored, errors = admit(document)
     assert stored is not None, f"the CRD now checks this too: move the case to REJECTED ({errors})"
     accepted, message = model_accepts(document["spec"])
-    assert not accepted and message.startswith("spec.searchSpace"), message
+    assert not accepted and message.startswith(f"{field}: "), message
 
 
 @pytest.mark.parametrize("document", LAX_MODEL.values(), ids=LAX_MODEL.keys())
@@ -384,8 +808,13 @@ def test_values_of_the_wrong_json_type_are_refused_by_both(document):
 
 def test_the_api_server_defaults_do_not_add_fields_the_model_refuses():
     # Defaults inside a parameter would apply to every type (log: false on a categorical parameter).
-    parameter = SCHEMA["properties"]["spec"]["properties"]["searchSpace"]["additionalProperties"]
+    parameter = SPEC_SCHEMA["properties"]["searchSpace"]["additionalProperties"]
     assert not [k for k, v in parameter["properties"].items() if "default" in v]
+    # Every default the API server fills in is what the model itself assumes.
+    defaulted = stored_form(VALID)["spec"]
+    assert parse_spec(defaulted) == parse_spec(VALID["spec"])
+    assert defaulted["trainer"]["resources"] == {"requests": {"cpu": "1", "memory": "2Gi"},
+                                                 "limits": {"cpu": "2", "memory": "4Gi"}}
 
 
 # --- the rules this file evaluates are the rules the CRD has ------------------------------------
@@ -444,18 +873,18 @@ def cel_verdicts(value: Any, schema: dict[str, Any]) -> list[tuple[str, bool, bo
 
 def test_a_real_cel_engine_gives_every_rule_the_meaning_this_file_gives_it():
     """cel-python evaluates the CRD's rule texts on every table manifest the schema lets through to CEL."""
-    documents = {**ACCEPTED, **REJECTED, **UNKNOWN_FIELDS, **MODEL_ONLY}
+    documents = {**BOTH_ACCEPT, **BOTH_REJECT, **UNKNOWN_FIELDS, **{k: d for k, (d, _) in MODEL_ONLY.items()}}
     verdicts = []
     for name, document in documents.items():
-        stored = default(prune(copy.deepcopy(document), SCHEMA), SCHEMA)
-        if not list(VALIDATOR.iter_errors(stored)):
+        stored = stored_form(document)
+        if not schema_errors(stored, SCHEMA):
             verdicts += [(name, *v) for v in cel_verdicts(stored, SCHEMA)]
 
     disagreements = [(name, rule, cel) for name, rule, cel, ours in verdicts if cel != ours]
     assert not disagreements, disagreements
     assert {rule for _, rule, _, _ in verdicts} == set(CEL_RULES)  # every rule was evaluated
     refused = {rule for _, rule, cel, _ in verdicts if not cel}
-    assert len(refused) >= 8, f"only these rules ever refused a table manifest: {refused}"
+    assert len(refused) >= 16, f"only these rules ever refused a table manifest: {refused}"
 
 
 @pytest.mark.parametrize("rule", _rules(SCHEMA))
@@ -575,7 +1004,7 @@ def test_the_status_the_operator_writes_is_declared_whole_so_nothing_is_pruned_o
     for written in (status, invalid_status(status, "InvalidSpec", "spec.trials.max: bad", 3)):
         written = json.loads(json.dumps(written))
         assert prune(written, {**schema, "x-kubernetes-preserve-unknown-fields": False}) == written
-        jsonschema.validate(written, to_json_schema(schema))
+        assert schema_errors(stored_form(written, schema), schema) == []
     assert set(schema["properties"]["trials"]["properties"]) == set(status["trials"])
     assert set(schema["properties"]["reuse"]["properties"]) == set(status["reuse"])
 

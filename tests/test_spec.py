@@ -120,6 +120,40 @@ BAD = [
      "spec.searchSpace.filters", "type"),
     ("empty search space", dict(spec__searchSpace={}), "spec.searchSpace", "at least 1"),
     ("missing trials", dict(spec__trials=DELETE), "spec.trials", "required"),
+    ("val_loss maximized", dict(spec__objective={"metric": "val_loss", "direction": "maximize", "goal": 0.3}),
+     "spec.objective", "direction maximize contradicts metric val_loss, which is minimized"),
+    ("val_accuracy minimized", dict(spec__objective={"metric": "val_accuracy", "direction": "minimize"}),
+     "spec.objective", "contradicts metric val_accuracy"),
+    ("negative val_loss goal", dict(spec__objective={"goal": -1}), "spec.objective", ">= 0"),
+    ("val_accuracy goal above 1", dict(spec__objective={"metric": "val_accuracy", "goal": 80}),
+     "spec.objective", "in [0, 1]"),
+    ("memory limit 'lots'", dict(spec__trainer={"resources": {"limits": {"memory": "lots"}}}),
+     "spec.trainer.resources.limits.memory", "'lots' is not a quantity"),
+    ("a fractional quantity number", dict(spec__trainer={"resources": {"requests": {"cpu": 0.5}}}),
+     "spec.trainer.resources.requests.cpu", "'500m'"),
+    ("request above limit",
+     dict(spec__trainer={"resources": {"requests": {"memory": "8Gi"}, "limits": {"memory": "4Gi"}}}),
+     "spec.trainer.resources", "requests.memory (8Gi) must not exceed limits.memory (4Gi)"),
+    ("unknown resource", dict(spec__trainer={"resources": {"limits": {"gpu": "1"}}}),
+     "spec.trainer.resources.limits", "key 'gpu' is not a container resource"),
+    ("nodeSelector key", dict(spec__trainer={"nodeSelector": {"node pool": "a"}}),
+     "spec.trainer.nodeSelector", "key 'node pool' is not a qualified name"),
+    ("nodeSelector value", dict(spec__trainer={"gpu": {"nodeSelector": {"pool": "a" * 64}}}),
+     "spec.trainer.gpu.nodeSelector.pool", "is not a label value"),
+    ("Exists with a value", dict(spec__trainer={"tolerations": [{"key": "k", "operator": "Exists", "value": "v"}]}),
+     "spec.trainer.tolerations.0", "operator Exists takes no value"),
+    ("tolerationSeconds without NoExecute", dict(spec__trainer={"tolerations": [
+        {"key": "k", "operator": "Exists", "tolerationSeconds": 5}]}),
+     "spec.trainer.tolerations.0", "tolerationSeconds needs effect NoExecute"),
+    ("toleration without key", dict(spec__trainer={"tolerations": [{"value": "v"}]}),
+     "spec.trainer.tolerations.0", "needs operator Exists"),
+    ("image with a space", dict(spec__trainer={"image": "my image"}), "spec.trainer.image", "container image"),
+    ("Secret name", dict(spec__storage={"databaseSecret": {"name": "My_DB", "key": "url"}}),
+     "spec.storage.databaseSecret.name", "DNS subdomain"),
+    ("Secret key", dict(spec__storage={"databaseSecret": {"name": "db", "key": "a/b"}}),
+     "spec.storage.databaseSecret.key", "Secret key"),
+    ("a key with a newline stays one line", dict(spec__trials={"max": 3, "pa\nrallel": 1}),
+     "spec.trials.pa\\nrallel", "unknown field"),
 ]
 
 
@@ -189,10 +223,42 @@ def test_spec_to_json_round_trips_every_optional_section():
 
 
 def test_six_conv_layers_do_not_fit_a_16x16_input():
-    spec = parse_study(manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 6})).spec
+    document = manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 6})
+    spec = StudySpec.model_validate(document["spec"])  # the model alone: parse_spec would refuse it
 
     with pytest.raises(SpecError, match=r"^spec\.searchSpace\.convLayers: 6 conv layers pool a 16x16 input"):
         check_space_fits_input(spec)
+
+
+@pytest.mark.parametrize("parse", [parse_study, lambda m: parse_spec(m["spec"])], ids=["parse_study", "parse_spec"])
+def test_a_network_too_deep_for_its_input_is_refused_at_validation(parse):
+    """The operator reports InvalidSpec for it, as `strata run` refuses it: parse_spec checks the fit."""
+    too_deep = manifest(spec__searchSpace__convLayers={"type": "categorical", "choices": [1, 5]})
+    native = manifest(spec__training={"epochs": 1}, spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 5})
+
+    with pytest.raises(SpecError, match=r"^spec\.searchSpace\.convLayers: 5 conv layers pool a 16x16 input"):
+        parse(too_deep)
+    with pytest.raises(SpecError, match=r"^spec\.searchSpace\.convLayers: 5 conv layers pool a 28x28 input"):
+        parse(native)  # fashion-mnist's own 28x28
+    parse(manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 10**12, "step": 10**12}))  # 1
+
+
+def test_a_huge_int_range_is_checked_without_listing_it():
+    with pytest.raises(SpecError, match=r"^spec\.searchSpace: 'kernelSize' must be odd"):
+        parse_study(manifest(spec__searchSpace__kernelSize={"type": "int", "low": 1, "high": 10**15}))
+    with pytest.raises(SpecError, match=r"conv layers pool"):
+        parse_study(manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 10**15}))
+
+
+def test_spec_and_architecture_import_without_torch_and_in_either_order():
+    import subprocess
+    import sys
+
+    for first, second in (("strata.spec", "strata.architecture"), ("strata.architecture", "strata.spec")):
+        code = (f"import sys, {first}, {second}; "
+                "heavy = [m for m in ('torch', 'torchvision', 'numpy', 'optuna') if m in sys.modules]; "
+                "assert not heavy, heavy")
+        subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_four_conv_layers_still_fit_a_16x16_input():

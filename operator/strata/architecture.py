@@ -12,7 +12,7 @@ import json
 from dataclasses import asdict, dataclass, field
 from typing import Any, Mapping
 
-from strata.spec import StudySpec, parse_fc_layout
+from strata.spec import IntParam, StudySpec, parse_fc_layout
 
 # Native shape (channels, height, width) and class count of each dataset.
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -144,9 +144,12 @@ def check_space_fits_input(spec: StudySpec) -> None:
     from strata.spec import SpecError
 
     param = spec.search_space.get("convLayers")
-    deepest = max(param.values()) if param is not None and hasattr(param, "values") else DEFAULTS["convLayers"]
+    if isinstance(param, IntParam):
+        deepest = param.largest  # not max(values()): a range may be huge
+    else:
+        deepest = max(param.values()) if param is not None and hasattr(param, "values") else DEFAULTS["convLayers"]
     _, height, width = input_shape_for(spec)
-    if min(height, width) >> deepest < 1:
+    if deepest > min(height, width).bit_length() - 1:  # each conv block halves the image
         raise SpecError(
             f"spec.searchSpace.convLayers: {deepest} conv layers pool a {height}x{width} input to nothing; "
             "lower the maximum or raise spec.training.inputSize"

@@ -1,8 +1,15 @@
 """The HPOStudy CRD, generated from the spec model: `python -m strata.crd > crds/hpostudy.yaml`.
 
-Pydantic's JSON schema becomes a structural openAPIV3Schema: references inlined, nullable
-instead of anyOf-null, the parameter union merged into one object with CEL rules, descriptions
-from spec.FIELD_DOCS on every field.
+Pydantic's JSON schema becomes a structural openAPIV3Schema: references inlined, the parameter
+union merged into one object with CEL rules, descriptions from spec.FIELD_DOCS on every field.
+
+Nothing in the spec is nullable and no default holds a null: an API server refuses a CRD whose
+default fails its own schema (a null fails every enum, nullable or not: kube-openapi's
+basicCommonValidator), and it deletes a null of a non-nullable field without a default from every
+incoming object (or replaces it by the default), so a null in a manifest means unset, which is what
+the model's None means. Map keys are checked by CEL (`self.all(k, k.matches(...))`) with the
+patterns of strata.spec; every map, list and string a rule iterates or matches is bounded
+(maxProperties, maxItems, maxLength) so that the API server's cost estimate stays within its limits.
 """
 
 from __future__ import annotations
@@ -13,7 +20,9 @@ from typing import Any
 
 import yaml
 
-from strata.spec import API_GROUP, API_VERSION, FIELD_DOCS, KNOWN_PARAMETERS, KIND, StudySpec
+from strata.spec import (API_GROUP, API_VERSION, FIELD_DOCS, KNOWN_PARAMETERS, KIND, METRIC_RANGES,
+                         QUALIFIED_NAME_LENGTHS, QUALIFIED_NAME_PATTERN, RESOURCE_NAME_LENGTHS, RESOURCE_NAME_PATTERN,
+                         StudySpec)
 
 PLURAL, SINGULAR, SHORT = "hpostudies", "hpostudy", ["hpo"]
 
@@ -43,10 +52,59 @@ SEARCH_SPACE_RULES = [
     {"rule": "!('fcLayout' in self) || !('fcLayers' in self || 'fcUnits' in self)",
      "message": "use either fcLayout or fcLayers/fcUnits, not both"},
 ]
+# The keys of a map, by the mark strata.spec puts on it (x-strata-keys). CEL's matches() is RE2, like
+# the API server's patterns; the spec's patterns need no escaping inside a CEL string literal.
+KEY_RULES = {
+    "qualifiedName": {
+        "rule": f"self.all(k, k.matches('{QUALIFIED_NAME_PATTERN}') && k.matches('{QUALIFIED_NAME_LENGTHS}'))",
+        "message": "keys must be qualified names ([prefix/]name: name at most 63 of A-Za-z0-9 with -_. inside, "
+                   "prefix a DNS subdomain of at most 253)"},
+    "resourceName": {
+        "rule": f"self.all(k, k.matches('{RESOURCE_NAME_PATTERN}') && k.matches('{RESOURCE_NAME_LENGTHS}') && "
+                "!k.startsWith('requests.'))",
+        "message": "keys must be container resources: cpu, memory, ephemeral-storage, hugepages-<size> or an "
+                   "extended resource with a domain, like nvidia.com/gpu"},
+}
+TOLERATION_RULES = [
+    {"rule": f"self == '' || self.matches('{QUALIFIED_NAME_LENGTHS}')",  # on the key: the pattern checks the rest
+     "message": "a taint key's name is at most 63 characters and its prefix at most 253"},
+]
+TOLERATION_ITEM_RULES = [
+    {"rule": "(has(self.key) && self.key != '') || (has(self.operator) && self.operator == 'Exists')",
+     "message": "a toleration without key matches every taint and needs operator Exists"},
+    {"rule": "!has(self.operator) || self.operator != 'Exists' || !has(self.value) || self.value == ''",
+     "message": "operator Exists takes no value"},
+    {"rule": "!has(self.tolerationSeconds) || (has(self.effect) && self.effect == 'NoExecute')",
+     "message": "tolerationSeconds needs effect NoExecute"},
+]
+# CEL doubles: a goal of 1 (a JSON integer) is 1.0 to CEL, as the schema types goal a number.
+_ACCURACY_HIGH = METRIC_RANGES["val_accuracy"][1]
+OBJECTIVE_RULES = [
+    {"rule": "!has(self.direction) || "
+             "(self.direction == 'minimize') == (!has(self.metric) || self.metric == 'val_loss')",
+     "message": "direction contradicts the metric: val_loss is minimized, val_accuracy maximized"},
+    {"rule": "!has(self.goal) || self.goal >= 0.0",
+     "message": "goal must be at least 0 (val_loss and val_accuracy are)"},
+    {"rule": "!has(self.goal) || !has(self.metric) || self.metric != 'val_accuracy' || "
+             f"self.goal <= {_ACCURACY_HIGH!r}",
+     "message": "a val_accuracy goal must be within [0, 1]"},
+]
+
+
+def _without_nulls(value: Any) -> Any:
+    """A default as the API server must get it: no null anywhere (a null fails an enum)."""
+    if isinstance(value, dict):
+        return {k: _without_nulls(v) for k, v in value.items() if v is not None}
+    if isinstance(value, list):
+        return [_without_nulls(v) for v in value if v is not None]
+    return value
+
+
 # Where one manifest name means different things (FIELD_DOCS is keyed by the name alone).
 CONTEXT_DOCS = {
-    ("tolerations", "key"): "Taint key the toleration matches; empty with operator Exists matches every taint.",
-    ("databaseSecret", "name"): "Name of the Secret, in the study's namespace.",
+    ("tolerations", "key"): "Taint key the toleration matches (a qualified name); empty with operator Exists matches "
+                            "every taint.",
+    ("databaseSecret", "name"): "Name of the Secret (a DNS subdomain name), in the study's namespace.",
     ("sampler", "name"): "Sampler: tpe, random, grid, cmaes, gp or qmc.",
     ("pruner", "name"): "Pruner: none, median, successiveHalving or hyperband.",
     ("dataset", "name"): "Dataset: fashion-mnist, mnist or cifar10.",
@@ -70,16 +128,18 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
     if "anyOf" in node:
         variants = node.pop("anyOf")
         options = [o for o in variants if o.get("type") != "null"]
-        if len(options) == 1:
+        if len(options) == 1:  # Optional[X]: X, not nullable (a null is pruned: unset, the model's None)
             node = {**_structural(options[0], defs, name), **node}
-            if len(options) < len(variants):
-                node["nullable"] = True
         else:  # a union of scalars (categorical choices): any JSON value
             node["x-kubernetes-preserve-unknown-fields"] = True
     node.pop("title", None)
     node.pop("discriminator", None)
     if "const" in node:
         node["enum"] = [node.pop("const")]
+    if node.get("x-kubernetes-int-or-string"):
+        node.pop("type", None)  # int-or-string has no type of its own
+    if "x-strata-keys" in node:
+        node.setdefault("x-kubernetes-validations", []).append(copy.deepcopy(KEY_RULES[node.pop("x-strata-keys")]))
     if "exclusiveMinimum" in node:
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
     if "exclusiveMaximum" in node:
@@ -94,6 +154,8 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
         node["properties"] = {k: _described(_structural(v, defs, k), k, name) for k, v in node["properties"].items()}
     if node.get("default") is None:
         node.pop("default", None)
+    else:
+        node["default"] = _without_nulls(node["default"])
     return node
 
 
@@ -114,7 +176,7 @@ def _merged_parameter(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, A
             if key == "type":
                 continue
             if key in ("low", "high", "step"):
-                value = {"type": "number", "nullable": True, "description": FIELD_DOCS[key]}
+                value = {"type": "number", "description": FIELD_DOCS[key]}
             # No defaults: the API server would add them to every variant (log: false on a
             # categorical parameter, which the model refuses); the model defaults per type.
             value = {k: v for k, v in value.items() if k != "default"}
@@ -129,8 +191,6 @@ def _merged_parameter(node: dict[str, Any], defs: dict[str, Any]) -> dict[str, A
 def spec_schema() -> dict[str, Any]:
     schema = StudySpec.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
-    for field in ("requests", "limits"):  # quantities: `cpu: 1` and `cpu: "1"` alike
-        defs["Resources"]["properties"][field]["additionalProperties"] = {"x-kubernetes-int-or-string": True}
     result = _structural(schema, defs)
     result["description"] = "Desired state of a hyperparameter study over the paper's CNN family."
     search_space = result["properties"]["searchSpace"]
@@ -139,6 +199,11 @@ def spec_schema() -> dict[str, Any]:
     trials = result["properties"]["trials"]
     trials["x-kubernetes-validations"] = [
         {"rule": "!has(self.parallel) || self.parallel <= self.max", "message": "parallel must not exceed max"}]
+    result["properties"]["objective"]["x-kubernetes-validations"] = copy.deepcopy(OBJECTIVE_RULES)
+    trainer = result["properties"]["trainer"]["properties"]
+    for tolerations in (trainer["tolerations"], trainer["gpu"]["properties"]["tolerations"]):
+        tolerations["items"]["x-kubernetes-validations"] = copy.deepcopy(TOLERATION_ITEM_RULES)
+        tolerations["items"]["properties"]["key"]["x-kubernetes-validations"] = copy.deepcopy(TOLERATION_RULES)
     result["x-kubernetes-validations"] = [
         {"rule": "!has(self.sampler) || !has(self.sampler.name) || self.sampler.name != 'grid' || "
                  "self.searchSpace.all(k, self.searchSpace[k].type != 'float' || has(self.searchSpace[k].step))",

@@ -14,11 +14,14 @@ from __future__ import annotations
 
 import itertools
 import re
+from decimal import Decimal
+from fractions import Fraction
 from pathlib import Path
-from typing import Annotated, Any, Literal, Optional, Union
+from typing import Annotated, Any, Literal, Optional, Union, get_origin
 
 import yaml
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
+                      model_validator)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "hpo.strata.dev"
@@ -41,9 +44,57 @@ OPTIMIZERS = ("adam", "sgd", "rmsprop")
 DATASETS = ("fashion-mnist", "mnist", "cifar10")
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
+# The direction each metric is optimised in and the values it can take (lowest, highest).
+METRIC_DIRECTIONS = {"val_loss": "minimize", "val_accuracy": "maximize"}
+METRIC_RANGES: dict[str, tuple[float, float | None]] = {"val_loss": (0.0, None), "val_accuracy": (0.0, 1.0)}
+
+# --- what Kubernetes accepts in a pod (k8s.io/apimachinery/pkg/util/validation, api/resource) ------
+# Written for RE2 (the API server's and CEL's engine) and Python's re alike: no look-around, and no
+# backslash except IMAGE_PATTERN's \t\n\v\f\r (the same in both; it is no CEL rule), so that the
+# texts go into CEL string literals unescaped. The model matches them whole (re.fullmatch); the CRD
+# carries the same texts as patterns and CEL rules (strata.crd).
+_DNS_LABEL = "[a-z0-9]([-a-z0-9]*[a-z0-9])?"
+_SUBDOMAIN = f"{_DNS_LABEL}([.]{_DNS_LABEL})*"
+_NAME_PART = "([A-Za-z0-9][-A-Za-z0-9_.]*)?[A-Za-z0-9]"
+DNS_SUBDOMAIN_PATTERN = f"^{_SUBDOMAIN}$"  # Secret and service account names; at most 253
+DNS_SUBDOMAIN_MAX = 253
+QUALIFIED_NAME_PATTERN = f"^({_SUBDOMAIN}/)?{_NAME_PART}$"  # label keys, taint keys: [prefix/]name
+QUALIFIED_NAME_LENGTHS = "^([^/]{1,253}/)?[^/]{1,63}$"  # prefix at most 253, name at most 63
+QUALIFIED_NAME_MAX = 253 + 1 + 63
+LABEL_VALUE_PATTERN = f"^({_NAME_PART})?$"  # at most 63; may be empty
+LABEL_VALUE_MAX = 63
+# A Secret key (IsConfigMapKey): [-._a-zA-Z0-9]+, not '.', not '..' and not starting with '..'.
+SECRET_KEY_PATTERN = "^([-_a-zA-Z0-9][-._a-zA-Z0-9]*|[.][-_a-zA-Z0-9][-._a-zA-Z0-9]*)$"
+SECRET_KEY_MAX = 253
+# resource.Quantity without a sign: 1, 0.5, .5, 500m, 2Gi, 1e3, 1.5G (negative quantities are refused).
+QUANTITY_PATTERN = "^[+]?([0-9]+([.][0-9]*)?|[.][0-9]+)([KMGTPE]i|[numkMGTPE]|[eE][-+]?[0-9]+)?$"
+# A container resource: a standard one, or an extended resource with a domain (nvidia.com/gpu). The
+# prefix is at most 244 so that requests.<name> stays a qualified name (IsExtendedResourceName).
+RESOURCE_NAME_PATTERN = (f"^(cpu|memory|ephemeral-storage|hugepages-[0-9]+([KMGTPE]i|[kMGTPE])?|"
+                         f"{_SUBDOMAIN}/{_NAME_PART})$")
+RESOURCE_NAME_LENGTHS = "^([^/]{1,244}/)?[^/]{1,63}$"
+IMAGE_PATTERN = r"^[^ \t\n\v\f\r]+$"  # a container image: not empty, no whitespace
+MAX_MAP_ENTRIES = 64  # nodeSelector maps (bounds the CEL cost of checking their keys)
+MAX_RESOURCES = 16  # entries of requests / limits
+MAX_TOLERATIONS = 32
+# activeDeadlineSeconds (timeoutSeconds + 60, see strata.kube.builders) is an int32.
+MAX_TIMEOUT_SECONDS = 2**31 - 1 - 60
+INT64_MAX = 2**63 - 1
+
 
 class SpecError(ValueError):
     """A user error in a study file or manifest; the message names the field."""
+
+
+def _shown(value: Any, limit: int = 60) -> str:
+    """A user's value in a one-line message: quoted, escaped, cut."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit - 4] + "...'"
+
+
+def _one_line(text: str) -> str:
+    """No line breaks or control characters (a key or value may hold them): escaped as repr does."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
 
 
 class _Model(BaseModel):
@@ -53,19 +104,74 @@ class _Model(BaseModel):
 
     @model_validator(mode="before")
     @classmethod
-    def _whole_numbers(cls, data: Any) -> Any:
-        """An integer field takes 8.0 as 8, as the API server does for JSON numbers."""
+    def _as_the_api_server_reads_it(cls, data: Any) -> Any:
+        """A null means unset, and an integer field takes 8.0 as 8, as on a cluster.
+
+        The CRD declares nothing nullable, so the API server deletes a null field (or map entry) that
+        has no default and replaces one that has a default by the default (a null list item stays, and
+        fails). Dropping nulls here gives the model's own defaults: the same values.
+        """
         if not isinstance(data, dict):
             return data
-        converted = dict(data)
+        converted = {key: value for key, value in data.items() if value is not None}
         for name, field in cls.model_fields.items():
-            if field.annotation not in (int, Optional[int]):
-                continue
             for key in {name, field.alias}:
                 value = converted.get(key)
-                if isinstance(value, float) and value.is_integer():
+                if field.annotation in (int, Optional[int]) and isinstance(value, float) and value.is_integer():
                     converted[key] = int(value)
+                elif get_origin(field.annotation) is dict and isinstance(value, dict):
+                    converted[key] = {k: ({kk: vv for kk, vv in v.items() if vv is not None} if isinstance(v, dict)
+                                          else v) for k, v in value.items() if v is not None}
         return converted
+
+
+def _checked(pattern: str, what: str, max_length: int | None = None, lengths: str | None = None):
+    def check(value: str) -> str:
+        if ((max_length is not None and len(value) > max_length) or not re.fullmatch(pattern, value)
+                or (lengths is not None and not re.fullmatch(lengths, value))):
+            raise ValueError(f"{_shown(value)} is not {what}")
+        return value
+    return check
+
+
+def _schema(pattern: str, max_length: int | None = None) -> dict[str, Any]:
+    return {"pattern": pattern, **({"maxLength": max_length} if max_length is not None else {})}
+
+
+_SUBDOMAIN_WHAT = "a DNS subdomain name (lowercase letters, digits, '-' and '.', at most 253)"
+_QUALIFIED_WHAT = ("a qualified name ([prefix/]name: name at most 63 of A-Za-z0-9 with -_. inside, prefix a DNS "
+                   "subdomain)")
+_LABEL_VALUE_WHAT = "a label value (at most 63 of A-Za-z0-9 with -_. inside, or empty)"
+DnsSubdomain = Annotated[str, AfterValidator(_checked(DNS_SUBDOMAIN_PATTERN, _SUBDOMAIN_WHAT, DNS_SUBDOMAIN_MAX)),
+                         Field(json_schema_extra=_schema(DNS_SUBDOMAIN_PATTERN, DNS_SUBDOMAIN_MAX))]
+LabelValue = Annotated[str, AfterValidator(_checked(LABEL_VALUE_PATTERN, _LABEL_VALUE_WHAT, LABEL_VALUE_MAX)),
+                       Field(json_schema_extra=_schema(LABEL_VALUE_PATTERN, LABEL_VALUE_MAX))]
+SecretKey = Annotated[str, AfterValidator(_checked(
+    SECRET_KEY_PATTERN, "a Secret key ([-._a-zA-Z0-9]+, at most 253, not '.' and not starting with '..')",
+    SECRET_KEY_MAX)), Field(json_schema_extra=_schema(SECRET_KEY_PATTERN, SECRET_KEY_MAX))]
+Image = Annotated[str, AfterValidator(_checked(IMAGE_PATTERN, "a container image (not empty, no whitespace)")),
+                  Field(json_schema_extra=_schema(IMAGE_PATTERN))]
+check_qualified_name = _checked(QUALIFIED_NAME_PATTERN, _QUALIFIED_WHAT, QUALIFIED_NAME_MAX, QUALIFIED_NAME_LENGTHS)
+_check_resource_name = _checked(
+    RESOURCE_NAME_PATTERN, "a container resource (cpu, memory, ephemeral-storage, hugepages-<size> or an extended "
+    "resource with a domain, like nvidia.com/gpu)", None, RESOURCE_NAME_LENGTHS)
+
+
+def _qualified_keys(value: dict[str, Any]) -> dict[str, Any]:
+    for key in value:
+        try:
+            check_qualified_name(key)
+        except ValueError as error:
+            raise ValueError(f"key {error}") from None
+    return value
+
+
+# Marks for the CRD generator (strata.crd): which CEL rule checks the keys of a map.
+KEYS_QUALIFIED_NAMES = {"x-strata-keys": "qualifiedName"}
+KEYS_RESOURCE_NAMES = {"x-strata-keys": "resourceName"}
+NodeSelector = Annotated[dict[str, LabelValue],
+                         Field(max_length=MAX_MAP_ENTRIES, json_schema_extra=KEYS_QUALIFIED_NAMES),
+                         AfterValidator(_qualified_keys)]
 
 
 # --- search space -----------------------------------------------------------------------------
@@ -90,6 +196,15 @@ class IntParam(_Model):
 
     def values(self) -> list[int]:
         return list(range(self.low, self.high + 1, self.step))
+
+    @property
+    def largest(self) -> int:
+        """The highest value the range takes (high, or below it when step does not reach it)."""
+        return self.low + (self.high - self.low) // self.step * self.step
+
+    def representatives(self) -> list[int]:
+        """Values that stand for the whole range in value checks (sign, parity): never a huge list."""
+        return sorted({self.low, min(self.low + self.step, self.largest), self.largest})
 
 
 class FloatParam(_Model):
@@ -135,6 +250,17 @@ class Objective(_Model):
     direction: Literal["minimize", "maximize"] | None = None
     goal: float | None = None  # stop the study once a trial reaches this value
 
+    @model_validator(mode="after")
+    def _check(self) -> "Objective":
+        natural = METRIC_DIRECTIONS[self.metric]
+        if self.direction is not None and self.direction != natural:
+            raise ValueError(f"direction {self.direction} contradicts metric {self.metric}, which is {natural}d")
+        low, high = METRIC_RANGES[self.metric]
+        if self.goal is not None and not (self.goal >= low and (high is None or self.goal <= high)):
+            where = f">= {low:g}" if high is None else f"in [{low:g}, {high:g}]"
+            raise ValueError(f"goal {self.goal!r} is outside what {self.metric} can reach ({where})")
+        return self
+
     @property
     def resolved_direction(self) -> str:
         if self.direction:
@@ -166,7 +292,7 @@ class Trials(_Model):
     parallel: int = Field(1, ge=1)
     max_failed: int = Field(3, ge=0)  # the study fails once more trials than this have failed
     retries: int = Field(1, ge=0)  # re-runs of a trial whose process or pod failed
-    timeout_seconds: int | None = Field(None, ge=1)  # per trial
+    timeout_seconds: int | None = Field(None, ge=1, le=MAX_TIMEOUT_SECONDS)  # per trial
     study_timeout_seconds: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
@@ -214,7 +340,7 @@ class Storage(_Model):
     # Kubernetes: credentials only through Secrets. The Optuna URL (with its password) from a key of
     # a Secret; the object store's keys from a Secret with `accessKey` and `secretKey`.
     database_secret: SecretKeyRef | None = None
-    object_store_secret: str | None = None
+    object_store_secret: DnsSubdomain | None = None
     keep_on_delete: bool = True  # keep the Optuna study and checkpoints when the HPOStudy is deleted
 
     @field_validator("checkpoints")
@@ -226,31 +352,129 @@ class Storage(_Model):
 
 
 class SecretKeyRef(_Model):
-    name: str = Field(min_length=1)
-    key: str = Field(min_length=1)
+    name: DnsSubdomain
+    key: SecretKey
 
 
 class Toleration(_Model):
-    key: str | None = None
+    # As a pod takes it (k8s.io/kubernetes pkg/apis/core/validation validateTolerations).
+    key: str | None = Field(None, max_length=QUALIFIED_NAME_MAX,  # empty, or a qualified name
+                            json_schema_extra={"pattern": f"^({QUALIFIED_NAME_PATTERN[1:-1]})?$"})
     operator: Literal["Exists", "Equal"] = "Equal"
-    value: str | None = None
+    value: LabelValue | None = None
     effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = None
-    toleration_seconds: int | None = None
+    toleration_seconds: int | None = Field(None, ge=-INT64_MAX - 1, le=INT64_MAX)
+
+    @field_validator("key")
+    @classmethod
+    def _check_key(cls, key: str | None) -> str | None:
+        return check_qualified_name(key) if key else key
+
+    @model_validator(mode="after")
+    def _check(self) -> "Toleration":
+        if not self.key and self.operator != "Exists":
+            raise ValueError("a toleration without key matches every taint and needs operator Exists")
+        if self.operator == "Exists" and self.value:
+            raise ValueError("operator Exists takes no value")
+        if self.toleration_seconds is not None and self.effect != "NoExecute":
+            raise ValueError("tolerationSeconds needs effect NoExecute")
+        return self
 
 
 def _quantity(value: Any) -> Any:
-    """Kubernetes quantities are int-or-string (`cpu: 1` and `cpu: "1"` alike); keep them as strings."""
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
+    """Kubernetes quantities are int-or-string (`cpu: 1` and `cpu: "1"` alike); keep them as strings.
+
+    A JSON number must be whole, as the CRD's int-or-string takes it: 0.5 is written "0.5" or "500m".
+    """
+    if isinstance(value, bool):
+        return value
+    if isinstance(value, float) and value.is_integer():
+        return str(int(value))
+    if isinstance(value, int):
         return str(value)
+    if isinstance(value, float):
+        raise ValueError(f"a quantity given as a number must be whole, got {value!r}: write it as a string "
+                         f"('{value!r}') or in milli-units ('{value * 1000:g}m')")
     return value
 
 
-Quantity = Annotated[str, BeforeValidator(_quantity)]
+_SUFFIX_FACTORS: dict[str, Fraction] = {
+    "": Fraction(1), "n": Fraction(1, 10**9), "u": Fraction(1, 10**6), "m": Fraction(1, 1000),
+    "k": Fraction(10**3), "M": Fraction(10**6), "G": Fraction(10**9), "T": Fraction(10**12),
+    "P": Fraction(10**15), "E": Fraction(10**18),
+    **{f"{p}i": Fraction(2 ** (10 * (i + 1))) for i, p in enumerate("KMGTPE")},
+}
+
+
+def quantity_value(text: str) -> Fraction:
+    """The exact value of a quantity string ("500m" -> 1/2, "2Gi" -> 2147483648); ValueError if none."""
+    match = re.fullmatch(r"[+]?([0-9]+(?:[.][0-9]*)?|[.][0-9]+)(.*)", text)
+    if not match or not re.fullmatch(QUANTITY_PATTERN, text):
+        raise ValueError(f"{_shown(text)} is not a quantity (like 1, 0.5, 500m, 2Gi, 1e3)")
+    number, suffix = Fraction(Decimal(match.group(1))), match.group(2)
+    if suffix[:1] in ("e", "E") and len(suffix) > 1:
+        exponent = int(suffix[1:])
+        if abs(exponent) > 1000:
+            raise ValueError(f"{_shown(text)} is not a usable quantity (exponent out of range)")
+        return number * Fraction(10) ** exponent
+    return number * _SUFFIX_FACTORS[suffix]
+
+
+def _check_quantity(text: str) -> str:
+    quantity_value(text)
+    return text
+
+
+Quantity = Annotated[str, BeforeValidator(_quantity), AfterValidator(_check_quantity),
+                     Field(json_schema_extra={"x-kubernetes-int-or-string": True, "pattern": QUANTITY_PATTERN,
+                                              "minimum": 0})]
+
+
+def _resource_names(value: dict[str, Any]) -> dict[str, Any]:
+    for name in value:
+        try:
+            _check_resource_name(name)
+        except ValueError as error:
+            raise ValueError(f"key {error}") from None
+        if name.startswith("requests."):
+            raise ValueError(f"key {_shown(name)} is not a container resource (no 'requests.' prefix)")
+    return value
+
+
+ResourceMap = Annotated[dict[str, Quantity], Field(max_length=MAX_RESOURCES, json_schema_extra=KEYS_RESOURCE_NAMES),
+                        AfterValidator(_resource_names)]
+
+
+def is_extended_resource(name: str) -> bool:
+    """A resource with a domain outside kubernetes.io (nvidia.com/gpu): whole numbers, never overcommitted."""
+    return "/" in name and "kubernetes.io/" not in name
 
 
 class Resources(_Model):
-    requests: dict[str, Quantity] = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
-    limits: dict[str, Quantity] = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+    # As a container takes them (k8s.io/kubernetes pkg/apis/core/validation ValidateResourceRequirements).
+    requests: ResourceMap = Field(default_factory=lambda: {"cpu": "1", "memory": "2Gi"})
+    limits: ResourceMap = Field(default_factory=lambda: {"cpu": "2", "memory": "4Gi"})
+
+    @model_validator(mode="after")
+    def _check(self) -> "Resources":
+        for side in ("requests", "limits"):
+            for name, text in getattr(self, side).items():
+                if is_extended_resource(name) and quantity_value(text).denominator != 1:
+                    raise ValueError(f"{side}.{name} ({text}) must be a whole number (an extended resource)")
+        for name, text in self.requests.items():
+            limit = self.limits.get(name)
+            fixed = is_extended_resource(name) or name.startswith("hugepages-")  # not overcommittable
+            if limit is None and fixed:
+                raise ValueError(f"requests.{name} needs limits.{name} too (it cannot be overcommitted)")
+            if limit is not None and quantity_value(text) > quantity_value(limit):
+                raise ValueError(f"requests.{name} ({text}) must not exceed limits.{name} ({limit})")
+            if limit is not None and fixed and quantity_value(text) != quantity_value(limit):
+                raise ValueError(f"requests.{name} ({text}) must equal limits.{name} ({limit}) "
+                                 "(it cannot be overcommitted)")
+        names = set(self.requests) | set(self.limits)
+        if any(n.startswith("hugepages-") for n in names) and not names & {"cpu", "memory"}:
+            raise ValueError("hugepages need a cpu or memory request or limit")
+        return self
 
 
 class GpuPlacement(_Model):
@@ -260,8 +484,8 @@ class GpuPlacement(_Model):
     count: int = Field(1, ge=1)
     min_conv_layers: int | None = Field(None, ge=1)
     min_filters: int | None = Field(None, ge=1)
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: NodeSelector = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
 
     def wants(self, params: dict[str, Any]) -> bool:
         if not self.enabled:
@@ -273,16 +497,25 @@ class GpuPlacement(_Model):
         return True
 
 
+GPU_RESOURCE = "nvidia.com/gpu"  # the limit strata.kube.builders gives GPU trials
+
+
 class TrainerPod(_Model):
     """How trainer pods run on Kubernetes (ignored by `strata run`)."""
 
-    image: str | None = None  # default: the operator's configured trainer image
+    image: Image | None = None  # default: the operator's configured trainer image
     image_pull_policy: Literal["Always", "IfNotPresent", "Never"] = "IfNotPresent"
-    service_account_name: str | None = None
+    service_account_name: DnsSubdomain | None = None
     resources: Resources = Resources()
-    node_selector: dict[str, str] = Field(default_factory=dict)
-    tolerations: list[Toleration] = Field(default_factory=list)
+    node_selector: NodeSelector = Field(default_factory=dict)
+    tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
     gpu: GpuPlacement = GpuPlacement()
+
+    @model_validator(mode="after")
+    def _check(self) -> "TrainerPod":
+        if self.gpu.enabled and GPU_RESOURCE in {**self.resources.requests, **self.resources.limits}:
+            raise ValueError(f"with gpu.enabled, gpu.count sets {GPU_RESOURCE}: leave it out of resources")
+        return self
 
 
 class StudySpec(_Model):
@@ -331,7 +564,12 @@ class StudySpec(_Model):
 
 
 def _check_parameter_values(name: str, param: Any) -> None:
-    values = param.values() if not isinstance(param, FloatParam) else [param.low, param.high]
+    if isinstance(param, FloatParam):
+        values = [param.low, param.high]
+    elif isinstance(param, IntParam):
+        values = param.representatives()
+    else:
+        values = param.values()
     for value in values:
         if name in ("convLayers", "filters", "kernelSize", "batchSize", "fcUnits"):
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
@@ -412,12 +650,15 @@ class HPOStudy(BaseModel):
 def format_validation_error(error: ValidationError, root: str = "") -> str:
     """The first problem as one line that names the field, e.g. 'spec.trials.max: ...'."""
     first = error.errors()[0]
-    loc = [str(part) for part in first["loc"] if not str(part).startswith(("function-", "tagged-union"))]
+    loc = [_one_line(str(part)) if str(part) else "''" for part in first["loc"]
+           if not str(part).startswith(("function-", "tagged-union")) and str(part) != "[key]"]
     # Pydantic names union members by their tag (searchSpace.<name>.<tag>); keep the user's path only.
     loc = [part for i, part in enumerate(loc)
            if not (part in ("int", "float", "categorical") and i >= 2 and loc[i - 2] in ("searchSpace", "search_space"))]
-    path = ".".join(([root] if root else []) + loc)
     msg = first["msg"]
+    if len(loc) >= 2 and loc[-1] in ("bool", "int", "float", "str") and loc[-2].isdigit():  # a choice's union
+        loc, msg = loc[:-1], "a choice must be a boolean, a number or a string"
+    path = ".".join(([root] if root else []) + loc)
     if first["type"] == "union_tag_invalid":
         ctx = first.get("ctx", {})
         msg = f"unknown parameter type {ctx.get('tag')!r} (expected {ctx.get('expected_tags')})"
@@ -426,7 +667,7 @@ def format_validation_error(error: ValidationError, root: str = "") -> str:
         msg = "parameter needs a 'type' (int, float or categorical)"
     elif first["type"] == "extra_forbidden":
         msg = "unknown field"
-    msg = msg.removeprefix("Value error, ")
+    msg = _one_line(msg.removeprefix("Value error, "))
     return f"{path}: {msg}" if path else msg
 
 
@@ -435,17 +676,28 @@ def parse_study(document: Any) -> HPOStudy:
     if not isinstance(document, dict):
         raise SpecError("a study file must be a YAML mapping with apiVersion, kind, metadata and spec")
     try:
-        return HPOStudy.model_validate(document)
+        study = HPOStudy.model_validate(document)
     except ValidationError as error:
         raise SpecError(format_validation_error(error)) from None
+    _check_whole_spec(study.spec)
+    return study
 
 
 def parse_spec(spec: Any) -> StudySpec:
     """Validate a bare spec (the operator gets one from the custom resource)."""
     try:
-        return StudySpec.model_validate(spec)
+        parsed = StudySpec.model_validate(spec)
     except ValidationError as error:
         raise SpecError(format_validation_error(error, root="spec")) from None
+    _check_whole_spec(parsed)
+    return parsed
+
+
+def _check_whole_spec(spec: StudySpec) -> None:
+    """What only the parsed spec shows: the deepest network must fit the input (SpecError otherwise)."""
+    from strata.architecture import check_space_fits_input  # torch-free; it imports this module
+
+    check_space_fits_input(spec)
 
 
 def load_study_file(path: str | Path) -> HPOStudy:
@@ -473,8 +725,10 @@ def spec_to_json(spec: StudySpec) -> dict[str, Any]:
 FIELD_DOCS: dict[str, str] = {
     "objective": "What the study optimises.",
     "metric": "Per-epoch validation metric the trainer reports: val_loss or val_accuracy.",
-    "direction": "minimize or maximize; defaults to minimize for val_loss and maximize for val_accuracy.",
-    "goal": "Stop the study once a trial reaches this metric value.",
+    "direction": "minimize or maximize; must agree with the metric (val_loss is minimized, val_accuracy maximized), "
+                 "which is also the default.",
+    "goal": "Stop the study once a trial reaches this metric value: at least 0 for val_loss, within [0, 1] for "
+            "val_accuracy.",
     "searchSpace": "Hyperparameters by name (convLayers, filters, kernelSize, fcLayout, fcLayers, fcUnits, "
                    "learningRate, batchSize, optimizer), each an int, float or categorical parameter.",
     "type": "Parameter type: int, float or categorical.",
@@ -496,7 +750,8 @@ FIELD_DOCS: dict[str, str] = {
     "parallel": "Trials running at once (trainer pods or local processes).",
     "maxFailed": "The study fails once more trial attempts than this have failed.",
     "retries": "Re-runs of a trial whose pod or process failed (crash, OOM, eviction, lost pod).",
-    "timeoutSeconds": "Wall-clock limit of one trial; a trial past it is stopped and failed.",
+    "timeoutSeconds": "Wall-clock limit of one trial; a trial past it is stopped and failed (at most 2147483587: "
+                      "the pod's activeDeadlineSeconds is this plus 60, an int32).",
     "studyTimeoutSeconds": "Wall-clock limit of the whole study.",
     "training": "How each trial trains its network.",
     "dataset": "Training data: fashion-mnist, mnist or cifar10 (torchvision's format), from a path or s3://.",
@@ -519,23 +774,30 @@ FIELD_DOCS: dict[str, str] = {
     "checkpoints": "Layer registry location: a directory or s3://bucket/prefix.",
     "s3Endpoint": "S3/MinIO endpoint URL, e.g. http://minio:9000.",
     "databaseSecret": "Secret key holding the Optuna storage URL (with its password).",
-    "key": "Key in the Secret.",
-    "objectStoreSecret": "Secret with accessKey and secretKey for the S3/MinIO checkpoint store.",
+    "key": "Key in the Secret: [-._a-zA-Z0-9]+, at most 253 characters, not '.' and not starting with '..'.",
+    "objectStoreSecret": "Secret (a DNS subdomain name) with accessKey and secretKey for the S3/MinIO checkpoint "
+                         "store.",
     "keepOnDelete": "Keep the Optuna study and the checkpoints when the HPOStudy is deleted; false deletes the "
                     "study and the checkpoints it published (other studies' donors stay).",
     "trainer": "Trainer pods: image, resources and CPU/GPU placement.",
-    "image": "Trainer image (default: the operator's configured image).",
+    "image": "Trainer image, not empty and without whitespace (default: the operator's configured image).",
     "imagePullPolicy": "Image pull policy of trainer pods.",
-    "serviceAccountName": "Service account of trainer pods.",
-    "resources": "Resource requests and limits of trainer pods (threads and cache follow the limits).",
-    "requests": "Resource requests, e.g. cpu: '1', memory: 2Gi.",
-    "limits": "Resource limits, e.g. cpu: '2', memory: 4Gi.",
-    "nodeSelector": "Node labels trainer pods must match.",
-    "tolerations": "Tolerations of trainer pods.",
-    "operator": "Toleration operator: Exists or Equal.",
-    "value": "Toleration value.",
+    "serviceAccountName": "Service account of trainer pods (a DNS subdomain name, at most 253 characters).",
+    "resources": "Resource requests and limits of trainer pods (threads and cache follow the limits). Names: cpu, "
+                 "memory, ephemeral-storage, hugepages-<size> or an extended resource with a domain; values: "
+                 "Kubernetes quantities (1, 0.5, 500m, 2Gi, 1e3). Each request at most its limit; extended "
+                 "resources and hugepages are whole and requested as much as limited; with gpu.enabled, "
+                 "nvidia.com/gpu comes from gpu.count.",
+    "requests": "Resource requests, e.g. cpu: '1', memory: 2Gi (at most 16, each at most its limit).",
+    "limits": "Resource limits, e.g. cpu: '2', memory: 4Gi (at most 16).",
+    "nodeSelector": "Node labels trainer pods must match (at most 64): keys are qualified names ([prefix/]name), "
+                    "values label values (at most 63 of A-Za-z0-9 with -_. inside, or empty).",
+    "tolerations": "Tolerations of trainer pods (at most 32).",
+    "operator": "Toleration operator: Exists or Equal; a toleration without key needs Exists, and Exists takes no "
+                "value.",
+    "value": "Toleration value (a label value) that operator Equal matches.",
     "effect": "Taint effect to tolerate.",
-    "tolerationSeconds": "How long a NoExecute taint is tolerated.",
+    "tolerationSeconds": "How long a NoExecute taint is tolerated (only with effect NoExecute).",
     "gpu": "Send trials to GPU nodes: all when enabled, or only those at least minConvLayers deep / minFilters wide.",
     "count": "GPUs per trial pod (nvidia.com/gpu).",
     "minConvLayers": "Only trials with at least this many conv layers go to GPU nodes.",
