@@ -42,7 +42,9 @@ def describe(error: BaseException) -> str:
         error = error.__cause__
     if isinstance(error, sqlalchemy.exc.DBAPIError) and error.orig is not None:
         error = error.orig
-    text = str(error).strip()
+    from strata.redaction import scrub_registered
+
+    text = scrub_registered(str(error).strip())  # a driver may echo parts of a URL's password
     return text.splitlines()[0] if text else type(error).__name__
 
 

@@ -20,6 +20,7 @@ from strata.study import (
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
     ATTR_REGISTRY_PUBLISH_FAILURES, load_study, open_storage,
 )
+from strata.redaction import register_secret
 from strata.retrying_storage import RetryingStorage, call_with_retry
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import load_dataset
@@ -130,6 +131,7 @@ def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict
 
 
 def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None = None) -> int:
+    register_secret(storage_url)  # its password never reaches this trial's log, even through a driver's error
     # A database restart mid-trial is waited out (strata.retrying_storage), not a failed trial.
     storage = call_with_retry(lambda: open_storage(storage_url), "connect")
     if not storage_url.startswith("journal://"):

@@ -27,6 +27,7 @@ from strata.kube import builders
 from strata.kube.api import KubeApi, SecretMissing
 from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
+from strata.redaction import scrub
 from strata.retrying_storage import describe
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
@@ -430,8 +431,7 @@ class StudyService:
         try:
             gate = self._data_gate(namespace, name, uid, runtime, status, generation, post)
         except STORAGE_ERRORS as error:
-            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {describe(error)}",
-                                      post, health)
+            return self._storage_down(status, generation, _storage_message(runtime, error), post, health)
         if gate is not None:
             return gate
         try:
@@ -456,8 +456,7 @@ class StudyService:
             executor.refresh()
             progress = scheduler.progress(executor.active())
         except STORAGE_ERRORS as error:
-            return self._storage_down(status, generation, f"Optuna storage {redact(runtime.url)}: {describe(error)}",
-                                      post, health)
+            return self._storage_down(status, generation, _storage_message(runtime, error), post, health)
         self._track(health, DATABASE, None, post)
         new_status = builders.build_status(status, progress, outcome, max_trials=spec.trials.max,
                                            optuna_name=runtime.study.study_name, generation=generation,
@@ -606,3 +605,8 @@ def _digest(text: str) -> str:
     import hashlib
 
     return hashlib.sha256(text.encode()).hexdigest()[:12]
+
+
+def _storage_message(runtime: StudyRuntime, error: BaseException) -> str:
+    """What the database's failure says, without the URL's password (a driver may echo parts of it)."""
+    return scrub(f"Optuna storage {redact(runtime.url)}: {describe(error)}", runtime.url)
