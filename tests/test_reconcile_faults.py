@@ -264,3 +264,23 @@ def test_a_registry_outage_is_a_condition_one_warning_and_a_metric_until_it_is_b
     assert len(posted(k8s_api, "RegistryReachable")) == 1
     assert r.service.metrics.registry.get_sample_value("strata_dependency_up", labels) == 1.0
     r.close()
+
+
+# --- operator settings a pod could not have -----------------------------------------------------
+
+
+@pytest.mark.parametrize("variable, value, words", [
+    ("STRATA_GPU_NODE_SELECTOR", '{"gpu": "a b"}', "is not a label value"),
+    ("STRATA_CPU_TOLERATIONS", '[{"key": "k", "operator": "In"}]', "operator"),
+    ("STRATA_TRAINER_IMAGE", "my trainer", "is not a container image"),
+    ("STRATA_DATABASE_SECRET", "Bad_Name/url", "is not a DNS subdomain"),
+    ("STRATA_GPU_TOLERATIONS", "[not json", "Expecting value"),
+])
+def test_an_operator_setting_a_pod_could_not_have_is_refused_at_start_naming_the_variable(variable, value, words):
+    from strata.kube.reconcile import SettingsError, settings_from_env
+
+    with pytest.raises(SettingsError) as refused:
+        settings_from_env({variable: value})
+
+    assert str(refused.value).startswith(f"{variable}: ") and words in str(refused.value)
+    assert "\n" not in str(refused.value)

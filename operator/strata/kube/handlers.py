@@ -12,7 +12,7 @@ import kopf
 
 from strata.kube.api import KubeApi
 from strata.metrics import StrataMetrics
-from strata.kube.reconcile import ReconcileResult, StudyService, settings_from_env
+from strata.kube.reconcile import ReconcileResult, SettingsError, StudyService, settings_from_env
 from strata.spec import API_GROUP, API_VERSION
 
 RESOURCE = (API_GROUP, API_VERSION, "hpostudies")
@@ -53,7 +53,11 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     port = int(os.environ.get("STRATA_METRICS_PORT", "9090"))
     if port:
         metrics.serve(port, os.environ.get("STRATA_METRICS_ADDRESS", "0.0.0.0"))
-    memo.service = StudyService(KubeApi(), settings_from_env(), metrics=metrics)
+    try:
+        operator_settings = settings_from_env()
+    except SettingsError as error:  # a bad Helm value: stop at start with one line naming it
+        raise kopf.PermanentError(str(error)) from None
+    memo.service = StudyService(KubeApi(), operator_settings, metrics=metrics)
 
 
 def _apply(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:

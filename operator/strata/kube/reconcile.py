@@ -18,6 +18,7 @@ from typing import Any, Callable
 import optuna
 import sqlalchemy.exc
 from kubernetes.client.rest import ApiException
+from pydantic import TypeAdapter, ValidationError
 from optuna.exceptions import StorageInternalError
 from optuna.trial import TrialState
 
@@ -31,7 +32,10 @@ from strata.redaction import scrub
 from strata.retrying_storage import describe
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
-from strata.spec import SecretKeyRef, SpecError, StudySpec, Toleration, parse_spec, spec_to_json
+from strata.spec import (
+    Image, NodeSelector, SecretKeyRef, SpecError, StudySpec, Toleration, format_validation_error, parse_spec,
+    spec_to_json,
+)
 from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
@@ -62,32 +66,53 @@ class Happening:
     key: str
 
 
+class SettingsError(ValueError):
+    """An operator setting (Helm value -> env) a pod could not have; the message names the variable."""
+
+
 def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSettings:
+    """The operator's settings, each validated as the spec's own field of that kind (NodeSelector,
+    Toleration, Image, SecretKeyRef): a bad Helm value stops the operator at start with one line
+    naming it, instead of every trial pod being refused later."""
     env = dict(os.environ if env is None else env)
 
-    def ref(value: str | None) -> SecretKeyRef | None:
+    def parsed(name: str, kind: Any, default: str) -> Any:
+        raw = env.get(name) or default
+        try:
+            value = json.loads(raw) if default[:1] in "[{" else raw
+            return TypeAdapter(kind).validate_python(value)
+        except (ValueError, ValidationError) as error:
+            detail = format_validation_error(error) if isinstance(error, ValidationError) else str(error)
+            raise SettingsError(f"{name}: {detail}") from None
+
+    def ref(name: str) -> SecretKeyRef | None:
+        value = env.get(name)
         if not value:
             return None
-        name, _, key = value.partition("/")
-        return SecretKeyRef(name=name, key=key or "url")
-
-    def tolerations(name: str) -> tuple[Toleration, ...]:
-        return tuple(Toleration.model_validate(t) for t in json.loads(env.get(name) or "[]"))
+        secret, _, key = value.partition("/")
+        return _secret_ref(name, secret, key or "url")
 
     return builders.OperatorSettings(
-        trainer_image=env.get("STRATA_TRAINER_IMAGE", builders.OperatorSettings.trainer_image),
-        gpu_node_selector=json.loads(env.get("STRATA_GPU_NODE_SELECTOR") or "{}"),
-        gpu_tolerations=tolerations("STRATA_GPU_TOLERATIONS"),
-        cpu_node_selector=json.loads(env.get("STRATA_CPU_NODE_SELECTOR") or "{}"),
-        cpu_tolerations=tolerations("STRATA_CPU_TOLERATIONS"),
+        trainer_image=parsed("STRATA_TRAINER_IMAGE", Image, builders.OperatorSettings.trainer_image),
+        gpu_node_selector=parsed("STRATA_GPU_NODE_SELECTOR", NodeSelector, "{}"),
+        gpu_tolerations=tuple(parsed("STRATA_GPU_TOLERATIONS", list[Toleration], "[]")),
+        cpu_node_selector=parsed("STRATA_CPU_NODE_SELECTOR", NodeSelector, "{}"),
+        cpu_tolerations=tuple(parsed("STRATA_CPU_TOLERATIONS", list[Toleration], "[]")),
         feature_cache_volume=json.loads(env.get("STRATA_FEATURE_CACHE_VOLUME") or "{}"),
         feature_cache_bytes=int(env["STRATA_FEATURE_CACHE_BYTES"]) if env.get("STRATA_FEATURE_CACHE_BYTES") else None,
-        database_secret=ref(env.get("STRATA_DATABASE_SECRET")),
+        database_secret=ref("STRATA_DATABASE_SECRET"),
         object_store_secret=env.get("STRATA_OBJECT_STORE_SECRET") or None,
         checkpoints=env.get("STRATA_CHECKPOINTS") or None,
         s3_endpoint=env.get("STRATA_S3_ENDPOINT") or None,
         check_data=(env.get("STRATA_DATA_CHECK") or "true").lower() not in ("0", "false", "no", "off"),
     )
+
+
+def _secret_ref(variable: str, name: str, key: str) -> SecretKeyRef:
+    try:
+        return SecretKeyRef(name=name, key=key)
+    except ValidationError as error:
+        raise SettingsError(f"{variable}: {format_validation_error(error)}") from None
 
 
 class PodExecutor:
