@@ -746,7 +746,8 @@ def test_dashboard_queries_use_only_metrics_the_operator_exports() -> None:
                    "strata_trial_duration_seconds_bucket", "strata_reused_trials_total",
                    "strata_training_seconds_saved_total", "strata_reconcile_duration_seconds_bucket",
                    "strata_reconcile_errors_total", "strata_optuna_storage_call_duration_seconds_bucket",
-                   "strata_registry_objects", "strata_registry_bytes", "strata_registry_load_failures_total", "up"):
+                   "strata_registry_objects", "strata_registry_bytes", "strata_registry_load_failures_total",
+                   "strata_dependency_up", "strata_dependency_failures_total", "up"):
         assert family in used, f"no panel shows {family}"
 
 
