@@ -693,7 +693,8 @@ def _exported_metric_names() -> set[str]:
 
     metrics = StrataMetrics()
     metrics.update("ml", "s", StudySnapshot(phase="Running", complete=2, best_value=0.3, durations=[4.0],
-                                            registry_objects=3, registry_bytes=10))
+                                            registry_objects=3, registry_bytes=10,
+                                            dependencies_up={"database": True}, dependency_failures={"database": 1}))
     with metrics.reconcile("ml", "s"):
         pass
     metrics.reconcile_errors.labels("ml", "s").inc()
