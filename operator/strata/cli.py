@@ -102,6 +102,7 @@ def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
 def cmd_run(args: argparse.Namespace) -> int:
     from strata.architecture import check_space_fits_input
     from strata.executors import LocalProcessExecutor
+    from strata.workers import WarmWorkerExecutor
     from strata.objectstore import ObjectStoreError, open_object_store
     from strata.redaction import redact
     from strata.registry import LayerRegistry
@@ -116,6 +117,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         if args.workers < 1:
             raise UsageError(f"--workers: must be at least 1, got {args.workers}")
         spec = spec.model_copy(update={"trials": spec.trials.model_copy(update={"parallel": args.workers})})
+    if args.per_trial_processes:
+        spec = spec.model_copy(update={"execution": spec.execution.model_copy(update={"mode": "perTrial"})})
     check_space_fits_input(spec)
     check_dataset_available(study)
     data_verdict = check_data_once(spec, storage_url, name)
@@ -145,18 +148,24 @@ def cmd_run(args: argparse.Namespace) -> int:
     # Trials on this machine share their frozen-prefix outputs (trainer: strata_trainer.features).
     features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or \
         str(Path(args.study_file).resolve().parent / f"{name}.features")
-    executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, max(1, cores // parallel),
-                                    env={"STRATA_FEATURE_CACHE_DIR": features})
+    threads, env = max(1, cores // parallel), {"STRATA_FEATURE_CACHE_DIR": features}
+    if spec.execution.mode == "warmWorkers":
+        executor = WarmWorkerExecutor(storage_url, name, checkpoints, log_dir, threads, parallel, env=env)
+        executor.warm_up()  # torch imports in the workers while the study is prepared
+    else:
+        executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, threads, env=env)
     display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     started = time.monotonic()
-    print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} worker(s), logs {log_dir}",
+    kind = "warm worker(s)" if spec.execution.mode == "warmWorkers" else "process(es) per trial"
+    print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} {kind}, logs {log_dir}",
           file=sys.stderr)
     try:
         outcome = run_loop(scheduler, executor, parallel, stop=stop, on_progress=display.update)
     finally:
+        executor.close()
         signal.signal(signal.SIGINT, previous)
     display.close()
     wall = time.monotonic() - started
@@ -310,7 +319,10 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument("study_file")
     run.add_argument("--storage", help="Optuna storage URL (default: a journal file next to the study)")
     run.add_argument("--checkpoints", help="layer registry: a directory or s3://bucket/prefix")
-    run.add_argument("--workers", type=int, help="parallel trial processes (default: spec.trials.parallel)")
+    run.add_argument("--workers", type=int, help="trials at once (default: spec.trials.parallel)")
+    run.add_argument("--per-trial-processes", action="store_true",
+                     help="run each trial in a fresh process (isolation) instead of warm workers "
+                          "(spec.execution.mode: perTrial)")
     run.add_argument("--report", help="write a JSON report here")
     run.add_argument("--logs", help="directory for trial logs (default: next to the study)")
     run.add_argument("--quiet", action="store_true", help="no live progress line")

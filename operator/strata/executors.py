@@ -32,6 +32,13 @@ class Executor(Protocol):
     def stop_all(self) -> None: ...
 
 
+class LocalExecutor(Executor, Protocol):
+    """An executor on this machine (the runner's): it can also wait for an ended trial, and close."""
+
+    def wait(self, seconds: float) -> None: ...  # return early once a trial may have ended
+    def close(self) -> None: ...  # the study is over: release every worker
+
+
 STORAGE_ENV = "STRATA_STORAGE_URL"  # where the trainer reads its storage URL by default
 
 
@@ -104,6 +111,12 @@ class LocalProcessExecutor:
         procs = [proc for proc, _ in self._procs.values()]
         self._procs.clear()
         _terminate(procs, self.grace)
+
+    def wait(self, seconds: float) -> None:
+        time.sleep(seconds)
+
+    def close(self) -> None:
+        self.stop_all()
 
 
 def _terminate(procs: list[subprocess.Popen], grace: float) -> None:

@@ -12,7 +12,7 @@ import threading
 import time
 from typing import Callable
 
-from strata.executors import Executor, WorkerExit
+from strata.executors import Executor, LocalExecutor, WorkerExit
 from strata.retrying_storage import describe, transient
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
 
@@ -55,7 +55,7 @@ def step(scheduler: TrialScheduler, executor: Executor, parallel: int) -> tuple[
 
 def run_loop(
     scheduler: TrialScheduler,
-    executor: Executor,
+    executor: LocalExecutor,
     parallel: int,
     *,
     stop: threading.Event | None = None,
@@ -86,7 +86,7 @@ def run_loop(
                 on_progress(progress, outcome, plan)
             if outcome.finished:
                 return outcome
-            stop.wait(poll_seconds)
+            executor.wait(poll_seconds)  # returns early when a trial ends (warm workers)
     finally:
         if stop.is_set():
             executor.stop_all()  # trials stay RUNNING: a resumed run starts them again

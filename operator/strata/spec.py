@@ -518,6 +518,13 @@ class TrainerPod(_Model):
         return self
 
 
+class Execution(_Model):
+    """How trials run: in warm workers that run trial after trial, or each in a fresh process (pod)."""
+
+    mode: Literal["warmWorkers", "perTrial"] = "warmWorkers"
+    trials_per_gpu: int = Field(1, ge=1, le=8)  # a GPU worker runs this many small trials at once
+
+
 class StudySpec(_Model):
     objective: Objective = Objective()
     search_space: dict[str, Parameter] = Field(min_length=1)
@@ -528,6 +535,7 @@ class StudySpec(_Model):
     reuse: Reuse = Reuse()
     storage: Storage = Storage()
     trainer: TrainerPod = TrainerPod()
+    execution: Execution = Execution()
     suspend: bool = False
 
     @field_validator("search_space")
@@ -803,4 +811,10 @@ FIELD_DOCS: dict[str, str] = {
     "minConvLayers": "Only trials with at least this many conv layers go to GPU nodes.",
     "minFilters": "Only trials with at least this many filters go to GPU nodes.",
     "suspend": "Pause the study: running trials finish, no new ones start.",
+    "execution": "How trials run: warm workers (one long-lived process, or pod, per parallel slot, running trial "
+                 "after trial without starting Python and torch again) or a fresh process or pod per trial.",
+    "mode": "warmWorkers (default: no per-trial start-up) or perTrial (each trial in its own process or pod: the "
+            "most isolation, for model code that may leak state).",
+    "trialsPerGpu": "Trials a GPU worker runs at once on its GPU (1-8): small trials that use a fraction of a GPU "
+                    "share it instead of each taking a whole GPU.",
 }

@@ -1,6 +1,7 @@
 """`python -m strata_trainer --storage URL --study NAME --trial N`: run one asked trial and tell Optuna.
 
 `--check-data` instead of `--trial N` checks the study's dataset once (strata_trainer.datacheck).
+`--worker` runs trial after trial as assigned on stdin (strata_trainer.worker).
 
 Exit codes: 0 complete, 3 pruned, 1 failed (told to Optuna as FAIL), 2 bad arguments or storage.
 """
@@ -20,9 +21,11 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m strata_trainer", description=__doc__.splitlines()[0])
     parser.add_argument("--storage", default=os.environ.get("STRATA_STORAGE_URL"),
                         help="Optuna storage URL (default: $STRATA_STORAGE_URL)")
-    parser.add_argument("--study", required=True, help="Optuna study name")
+    parser.add_argument("--study", help="Optuna study name")
     what = parser.add_mutually_exclusive_group(required=True)
     what.add_argument("--trial", type=int, help="trial number, already asked by the scheduler")
+    what.add_argument("--worker", action="store_true",
+                      help="a warm worker: run the trials assigned on stdin, one JSON line each")
     what.add_argument("--check-data", action="store_true",
                       help="load the study's dataset as its trials would and record the verdict in the study")
     parser.add_argument("--checkpoints", default=os.environ.get("STRATA_CHECKPOINTS"),
@@ -32,6 +35,13 @@ def main(argv: list[str] | None = None) -> int:
     if not args.storage:
         print("strata_trainer: --storage or STRATA_STORAGE_URL is required", file=sys.stderr)
         return 2
+    if not args.worker and not args.study:
+        print("strata_trainer: --study is required with --trial and --check-data", file=sys.stderr)
+        return 2
+    if args.worker:
+        from strata_trainer.worker import main as worker_main
+
+        return worker_main(args.storage)
     from strata_trainer.trial import EXIT_USAGE, run_trial  # torch import after argument checks
 
     try:

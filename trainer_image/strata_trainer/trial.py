@@ -39,6 +39,19 @@ STATE_EXIT = {
 }
 
 
+class TrialContext:
+    """What a trial opens before it trains. A trial process opens everything afresh (this class); a warm
+    worker (strata_trainer.worker.WarmContext) keeps the storage and the datasets across its trials."""
+
+    def storage(self, url: str) -> optuna.storages.BaseStorage:
+        # A database restart mid-trial is waited out (strata.retrying_storage), not a failed trial.
+        storage = call_with_retry(lambda: open_storage(url), "connect")
+        return storage if url.startswith("journal://") else RetryingStorage(storage)
+
+    def dataset(self, spec: StudySpec):
+        return load_dataset(spec.training, spec.storage.s3_endpoint)
+
+
 @dataclass
 class ReusedPrefix:
     layers: int
@@ -130,13 +143,11 @@ def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict
     return published
 
 
-def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None = None) -> int:
+def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints: str | None = None,
+              context: TrialContext | None = None) -> int:
     register_secret(storage_url)  # its password never reaches this trial's log, even through a driver's error
-    # A database restart mid-trial is waited out (strata.retrying_storage), not a failed trial.
-    storage = call_with_retry(lambda: open_storage(storage_url), "connect")
-    if not storage_url.startswith("journal://"):
-        storage = RetryingStorage(storage)
-    study, spec = load_study(study_name, storage)
+    context = context or TrialContext()
+    study, spec = load_study(study_name, context.storage(storage_url))
     storage = study._storage
     trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, trial_number)
     frozen = storage.get_trial(trial_id)
@@ -149,7 +160,7 @@ def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints:
         return EXIT_USAGE
     trial = optuna.trial.Trial(study, trial_id)
     try:
-        return _train_and_tell(study, spec, trial, frozen.params, checkpoints)
+        return _train_and_tell(study, spec, trial, frozen.params, checkpoints, context)
     except Exception as error:  # a failed trial is recorded, never left RUNNING and never crashes the study
         state = storage.get_trial(trial_id).state
         if state.is_finished():  # a duplicate worker (a re-delivered pod) told it first: its result stands
@@ -163,11 +174,11 @@ def run_trial(storage_url: str, study_name: str, trial_number: int, checkpoints:
 
 
 def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Trial, params: dict,
-                    checkpoints: str | None) -> int:
+                    checkpoints: str | None, context: TrialContext) -> int:
     threads = configure_threads()
     device = pick_device(spec.training.device)
     arch = architecture_from_params(spec, params)
-    data = load_dataset(spec.training, spec.storage.s3_endpoint)
+    data = context.dataset(spec)
     load_failures: list[str] = []
     registry = open_registry(spec, checkpoints, load_failures) if spec.reuse.enabled else None
     reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs, load_failures)

@@ -1,0 +1,131 @@
+"""A warm trainer worker: one process that imports torch once and runs trial after trial.
+
+`python -m strata_trainer --worker` reads one JSON assignment per line on stdin,
+`{"trial": N, "study": NAME, "log": PATH, "checkpoints": LOCATION|null}`, runs it exactly as
+`python -m strata_trainer --trial N` would (strata_trainer.trial.run_trial, the same code path), and
+answers one line on its stdout, `{"trial": N, "exit": CODE, "seconds": S}` with the trial process's
+exit codes (0 complete, 3 pruned, 1 failed, 2 storage or spec). It exits when stdin closes.
+
+What stays between trials (WarmContext): the Optuna storage (one connection pool, or one journal
+reader), the parsed datasets (at most DATASETS_KEPT, by their training settings), torch and the
+model code. What does not: the model, its optimizer, its batches and feature caches are locals of
+run_trial and are collected after each trial, and CUDA's cached blocks are given back.
+
+The scheduler side (strata.workers.WarmWorkerExecutor) decides what runs; a worker only runs what
+it is given. A crash, a kill or a timeout ends the worker with its trial, which the scheduler fails
+as an infrastructure failure (retried) exactly as for a trial process.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import logging
+import os
+import sys
+import time
+from collections import OrderedDict
+from typing import IO, Any
+
+from strata.redaction import SecretFilter
+from strata_trainer.trial import TrialContext
+
+log = logging.getLogger("strata.worker")
+DATASETS_KEPT = 2  # bounded: a worker serves one study, whose trials share one dataset
+LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
+
+
+class WarmContext(TrialContext):
+    """TrialContext that keeps what is expensive to open and safe to share across trials."""
+
+    def __init__(self) -> None:
+        self._storages: dict[str, Any] = {}
+        self._datasets: OrderedDict[str, Any] = OrderedDict()
+
+    def storage(self, url: str):
+        if url not in self._storages:
+            self._storages[url] = super().storage(url)
+        return self._storages[url]
+
+    def dataset(self, spec):
+        key = json.dumps([spec.training.model_dump(mode="json"), spec.storage.s3_endpoint], sort_keys=True)
+        if key in self._datasets:
+            self._datasets.move_to_end(key)
+            return self._datasets[key]
+        data = super().dataset(spec)
+        self._datasets[key] = data
+        while len(self._datasets) > DATASETS_KEPT:
+            self._datasets.popitem(last=False)
+        return data
+
+    @staticmethod
+    def after_trial() -> None:
+        import torch
+
+        gc.collect()
+        if torch.cuda.is_available() and torch.cuda.is_initialized():
+            torch.cuda.empty_cache()
+
+
+class _TrialLog:
+    """Route the root logger to one trial's log file while that trial runs (as a trial process would)."""
+
+    def __init__(self, path: str | None):
+        self.path = path
+        self.handler: logging.Handler | None = None
+
+    def __enter__(self) -> "_TrialLog":
+        if self.path:
+            self.handler = logging.FileHandler(self.path, encoding="utf-8")
+            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
+            self.handler.addFilter(SecretFilter())
+            logging.getLogger().addHandler(self.handler)
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        if self.handler is not None:
+            logging.getLogger().removeHandler(self.handler)
+            self.handler.close()
+
+
+def serve(storage_url: str, requests: IO[str], answers: IO[str]) -> int:
+    """Run assignments until `requests` ends. Never raises for one trial's failure."""
+    from strata.spec import SpecError
+    from strata.study import StorageError
+    from strata_trainer.resources import configure_threads
+    from strata_trainer.trial import EXIT_FAILED, EXIT_USAGE, run_trial
+
+    context = WarmContext()
+    configure_threads()
+    _send(answers, {"ready": os.getpid()})
+    for line in requests:
+        if not line.strip():
+            continue
+        request = json.loads(line)
+        number = int(request["trial"])
+        started = time.perf_counter()
+        with _TrialLog(request.get("log")):
+            try:
+                code = run_trial(storage_url, request["study"], number, request.get("checkpoints"), context)
+            except (StorageError, SpecError) as error:
+                log.error("trial %d: %s", number, error)
+                code = EXIT_USAGE
+            except Exception:  # run_trial records training errors itself; anything else is this trial's
+                log.exception("trial %d: unexpected error in the worker", number)
+                code = EXIT_FAILED
+        context.after_trial()
+        _send(answers, {"trial": number, "exit": code, "seconds": round(time.perf_counter() - started, 4)})
+    return 0
+
+
+def _send(answers: IO[str], message: dict[str, Any]) -> None:
+    answers.write(json.dumps(message) + "\n")
+    answers.flush()
+
+
+def main(storage_url: str) -> int:
+    """The worker's process: answers on the original stdout, everything printed goes to stderr."""
+    answers = os.fdopen(os.dup(sys.stdout.fileno()), "w", encoding="utf-8")
+    os.dup2(sys.stderr.fileno(), sys.stdout.fileno())  # a stray print() must not corrupt the answers
+    logging.basicConfig(level=logging.INFO, format=LOG_FORMAT, stream=sys.stderr)
+    return serve(storage_url, sys.stdin, answers)
