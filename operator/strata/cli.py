@@ -55,9 +55,10 @@ def check_dataset_available(study: HPOStudy) -> None:
         raise UsageError(f"spec.training.dataset.path: {path} does not exist{hint}")
 
 
-def check_data_once(spec, storage_url: str, name: str) -> dict | None:
-    """The data check the operator runs in a pod (strata_trainer.datacheck), here in this process,
-    before anything is written; skipped when the study already holds a good verdict for this data."""
+def check_data_once(spec, storage_url: str, name: str, checker=None) -> dict | None:
+    """The data check the operator runs in a pod (strata_trainer.datacheck), here before anything is
+    written: in a warm worker (`checker`, WarmWorkerExecutor.check_data) or in this process; skipped
+    when the study already holds a good verdict for this data."""
     if os.environ.get("STRATA_DATA_CHECK", "true").lower() in ("0", "false", "no", "off"):
         return None
     from strata.study import ATTR_DATA_CHECK, StorageError, data_check_key, load_study
@@ -70,11 +71,17 @@ def check_data_once(spec, storage_url: str, name: str) -> dict | None:
                 return None
         except (StorageError, SpecError):
             pass  # no such study yet (or unreachable: reported when it is opened)
-    try:
-        from strata_trainer.datacheck import verdict_for
-    except ImportError:  # an operator-only install has no trainer: its trials would say it
-        return None
-    verdict = verdict_for(spec)
+    if checker is not None:
+        try:
+            verdict = checker(spec)
+        except RuntimeError as error:
+            raise UsageError(f"spec.training: the data check could not run: {error}") from None
+    else:
+        try:
+            from strata_trainer.datacheck import verdict_for
+        except ImportError:  # an operator-only install has no trainer: its trials would say it
+            return None
+        verdict = verdict_for(spec)
     if not verdict["ok"]:
         raise UsageError(f"spec.training: {verdict['message']}")
     return verdict
@@ -110,6 +117,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from strata.scheduler import TrialScheduler
     from strata.study import StorageError, create_or_load_study, open_storage
 
+    command_started = time.monotonic()  # the report's wall time is the whole command's
     study, storage_url, name = _resolve(args)
     assert study is not None
     spec = study.spec
@@ -121,18 +129,41 @@ def cmd_run(args: argparse.Namespace) -> int:
         spec = spec.model_copy(update={"execution": spec.execution.model_copy(update={"mode": "perTrial"})})
     check_space_fits_input(spec)
     check_dataset_available(study)
-    data_verdict = check_data_once(spec, storage_url, name)
     checkpoints = args.checkpoints or spec.storage.checkpoints or default_checkpoints(Path(args.study_file), name)
-    try:  # a registry that cannot take a checkpoint would silently cost every trial its reuse
-        store = open_object_store(checkpoints, spec.storage.s3_endpoint)
-        store.check_writable()
-        registry = LayerRegistry(store)
-    except ObjectStoreError as error:
-        raise UsageError(f"--checkpoints: {checkpoints} is not writable: {error}") from None
-    try:  # last check: a journal file is created on open
-        storage = open_storage(storage_url)
-    except StorageError as error:
-        raise UsageError(f"--storage: {error}") from None
+    cores = os.cpu_count() or 1
+    parallel = spec.trials.parallel
+    log_dir = Path(args.logs or Path(args.study_file).resolve().parent / f"{name}.logs")
+    # Trials on this machine share their frozen-prefix outputs (trainer: strata_trainer.features).
+    features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or \
+        str(Path(args.study_file).resolve().parent / f"{name}.features")
+    threads, env = max(1, cores // parallel), {"STRATA_FEATURE_CACHE_DIR": features}
+    executor: WarmWorkerExecutor | LocalProcessExecutor
+    if spec.execution.mode == "warmWorkers":
+        # Started first: the workers import torch while this process checks the inputs, and the
+        # data check runs in one of them (which keeps the dataset for its first trial).
+        executor = WarmWorkerExecutor(storage_url, name, checkpoints, log_dir, threads, parallel, env=env)
+        executor.warm_up()
+    else:
+        executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, threads, env=env)
+    try:
+        try:  # a registry that cannot take a checkpoint would silently cost every trial its reuse
+            store = open_object_store(checkpoints, spec.storage.s3_endpoint)
+            store.check_writable()
+            registry = LayerRegistry(store)
+        except ObjectStoreError as error:
+            raise UsageError(f"--checkpoints: {checkpoints} is not writable: {error}") from None
+        data_verdict = check_data_once(spec, storage_url, name,
+                                       executor.check_data if isinstance(executor, WarmWorkerExecutor) else None)
+        try:  # last check: a journal file is created on open
+            storage = open_storage(storage_url)
+        except StorageError as error:
+            raise UsageError(f"--storage: {error}") from None
+    except BaseException:
+        executor.stop_all()  # nothing was written: the workers' output was held in memory
+        executor.close()
+        raise
+    if isinstance(executor, WarmWorkerExecutor):
+        executor.keep_logs()
     # The trainer reads the spec from the study, with the checkpoint location made explicit.
     spec = spec.model_copy(update={"storage": spec.storage.model_copy(update={"checkpoints": checkpoints})})
     optuna_study = create_or_load_study(spec, name, storage)
@@ -142,23 +173,10 @@ def cmd_run(args: argparse.Namespace) -> int:
         optuna_study.set_user_attr(ATTR_DATA_CHECK, data_verdict)
     scheduler = TrialScheduler(optuna_study, spec, registry)
 
-    cores = os.cpu_count() or 1
-    parallel = spec.trials.parallel
-    log_dir = Path(args.logs or Path(args.study_file).resolve().parent / f"{name}.logs")
-    # Trials on this machine share their frozen-prefix outputs (trainer: strata_trainer.features).
-    features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or \
-        str(Path(args.study_file).resolve().parent / f"{name}.features")
-    threads, env = max(1, cores // parallel), {"STRATA_FEATURE_CACHE_DIR": features}
-    if spec.execution.mode == "warmWorkers":
-        executor = WarmWorkerExecutor(storage_url, name, checkpoints, log_dir, threads, parallel, env=env)
-        executor.warm_up()  # torch imports in the workers while the study is prepared
-    else:
-        executor = LocalProcessExecutor(storage_url, name, checkpoints, log_dir, threads, env=env)
     display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
-    started = time.monotonic()
     kind = "warm worker(s)" if spec.execution.mode == "warmWorkers" else "process(es) per trial"
     print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} {kind}, logs {log_dir}",
           file=sys.stderr)
@@ -168,7 +186,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         executor.close()
         signal.signal(signal.SIGINT, previous)
     display.close()
-    wall = time.monotonic() - started
+    wall = time.monotonic() - command_started
     report = build_report(optuna_study, scheduler, outcome.phase, wall)
     print_summary(report, sys.stdout)
     if args.report:

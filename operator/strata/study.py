@@ -34,12 +34,20 @@ ATTR_FEATURE_CACHE = "feature_cache"
 ATTR_SHARED_FEATURES = "shared_features"  # hit: the frozen outputs came from an earlier trial on this machine
 ATTR_SECONDS_SAVED = "seconds_saved_estimate"
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_TRAINING_STARTED = "strata.training_started"  # epoch seconds when train() began (hand-off timing)
 ATTR_REGISTRY_LOAD_FAILURES = "registry_load_failures"  # donors refused or unreadable, or the registry unreachable
 ATTR_REGISTRY_PUBLISH_FAILURES = "registry_publish_failures"  # prefixes the registry did not take
 ATTR_RETRY_OF = "strata.retry_of"
 ATTR_DATA_CHECK = "strata.data_check"  # study attr: the verdict of strata_trainer.datacheck for data_check_key
 ATTR_ATTEMPT = "strata.attempt"
 ATTR_DONOR_FOR = "strata.donor_for"
+# Worker pods (strata.kube.worker_pods hands out, strata_trainer.podworker claims and runs):
+ATTR_ASSIGNED = "strata.assigned"  # the worker pod the operator gave the trial to ("": taken back)
+ATTR_WORKER = "strata.worker"  # the pod that claimed it
+ATTR_WORKER_STARTED = "strata.worker_started"  # epoch seconds: claimed and begun
+ATTR_WORKER_EXIT = "strata.worker_exit"  # {"code", "reason"}: its trainer ended without telling Optuna
+ATTR_STOP = "strata.stop"  # the operator stopped it (timeout, goal, the end): its worker kills it
+ATTR_REPORTED_BELOW = "strata.reported_below"  # study attr: every worker trial below it was seen to end
 
 
 class StorageError(RuntimeError):

@@ -15,6 +15,9 @@ trials, stop one, stop all.
   fresh worker is started for what comes next.
 - `wait(seconds)` returns as soon as any worker answers or dies, so the runner hands out the next
   trial at once instead of at its next poll.
+- `check_data(spec)` runs the study's data check in a worker (which keeps the dataset for its first
+  trial), so `strata run` itself never imports torch. Until `keep_logs()` (the run's inputs are
+  good), workers' output is held in memory: a refused run writes nothing.
 """
 
 from __future__ import annotations
@@ -43,14 +46,19 @@ class _Worker:
     trials_run: int = 0
     alive: bool = True
     log: IO[bytes] | None = field(default=None, repr=False)
+    held: list[bytes] = field(default_factory=list, repr=False)  # output before keep_logs()
 
 
 class WarmWorkerExecutor:
-    def __init__(self, storage_url: str, study_name: str, checkpoints: str | None, log_dir: Path,
+    def __init__(self, storage_url: str, study_name: str, checkpoints: str | None, log_dir: Path | None,
                  threads_per_trial: int, workers: int, env: dict[str, str] | None = None,
-                 grace_seconds: float = 5.0):
+                 grace_seconds: float = 5.0, own_session: bool = True):
+        """log_dir None: every log line to this process's stderr (a worker pod's log), none to files.
+        own_session: workers in their own process group (a terminal's Ctrl-C reaches only the runner);
+        False keeps them in this one's (a pod's processes are stopped as one group)."""
         self.storage_url, self.study_name, self.checkpoints = storage_url, study_name, checkpoints
-        self.log_dir = Path(log_dir)
+        self.log_dir = Path(log_dir) if log_dir is not None else None
+        self.own_session = own_session
         self.threads, self.size = threads_per_trial, max(1, workers)
         self.env = env or {}
         self.grace = grace_seconds
@@ -60,11 +68,13 @@ class WarmWorkerExecutor:
         self._next_index = 0
         self._winding_down = False  # stop_all or close: dead or stopped workers are not replaced
         self.workers_started = 0  # ever, replacements included (the report shows it)
+        self._logs_kept = False
+        self._log_lock = threading.Lock()
 
     # --- the pool ------------------------------------------------------------------------------
 
-    def log_path(self, number: int) -> Path:
-        return self.log_dir / f"trial-{number:05d}.log"
+    def log_path(self, number: int) -> Path | None:
+        return self.log_dir / f"trial-{number:05d}.log" if self.log_dir is not None else None
 
     def warm_up(self) -> None:
         """Start the pool now, so torch imports while the study is being prepared."""
@@ -75,21 +85,87 @@ class WarmWorkerExecutor:
         return [w for w in self._workers if w.alive]
 
     def _spawn(self) -> _Worker:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
         index = self._next_index
         self._next_index += 1
         # As for trial processes: passive OpenMP waits, a share of the cores, the storage URL (it may
         # carry a password) in the environment and never on the command line.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, "STRATA_CPU_LIMIT": str(self.threads),
                "PYTHONUNBUFFERED": "1", STORAGE_ENV: self.storage_url}
-        log = open(self.log_dir / f"worker-{index:03d}.log", "ab")
         proc = subprocess.Popen([sys.executable, "-m", "strata_trainer", "--worker"], stdin=subprocess.PIPE,
-                                stdout=subprocess.PIPE, stderr=log, env=env, start_new_session=True)
-        worker = _Worker(index, proc, log=log)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=self.own_session)
+        worker = _Worker(index, proc)
         self._workers.append(worker)
         self.workers_started += 1
+        if self._logs_kept:
+            self._open_log(worker)
         threading.Thread(target=self._read, args=(worker,), name=f"strata-worker-{index}", daemon=True).start()
+        threading.Thread(target=self._pump_log, args=(worker,), name=f"strata-worker-{index}-log", daemon=True).start()
         return worker
+
+    def _open_log(self, worker: _Worker) -> None:
+        if self.log_dir is None:
+            worker.log = os.fdopen(os.dup(sys.stderr.fileno()), "ab")
+        else:
+            self.log_dir.mkdir(parents=True, exist_ok=True)
+            worker.log = open(self.log_dir / f"worker-{worker.index:03d}.log", "ab")
+        worker.log.write(b"".join(worker.held))
+        worker.log.flush()
+        worker.held.clear()
+
+    def _pump_log(self, worker: _Worker) -> None:
+        """A worker's own output (start-up, warnings; its trials log to their files) to worker-NNN.log."""
+        assert worker.proc.stderr is not None
+        for line in worker.proc.stderr:
+            with self._log_lock:
+                if worker.log is not None and not worker.log.closed:
+                    worker.log.write(line)
+                    worker.log.flush()
+                elif len(worker.held) < 1000:
+                    worker.held.append(line)
+
+    def keep_logs(self) -> None:
+        """The run's inputs are good: from now on workers write their logs into log_dir."""
+        with self._log_lock:
+            self._logs_kept = True
+            for worker in self._workers:
+                if worker.log is None:
+                    self._open_log(worker)
+
+    def held_output(self) -> str:
+        """What the workers printed while their logs were held (shown when a run is refused)."""
+        with self._log_lock:
+            return b"".join(b"".join(w.held) for w in self._workers).decode(errors="replace")
+
+    def check_data(self, spec: Any, timeout: float = 900.0) -> dict[str, Any]:
+        """The data check of strata_trainer.datacheck in a worker: its verdict dict."""
+        self.warm_up()
+        worker = self._live()[0]
+        assert worker.proc.stdin is not None
+        raw = spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+        try:
+            worker.proc.stdin.write((json.dumps({"check": raw}) + "\n").encode())
+            worker.proc.stdin.flush()
+        except (BrokenPipeError, OSError):
+            pass
+        deadline = time.time() + timeout
+        held: list[tuple[_Worker, dict[str, Any] | None]] = []
+        try:
+            while time.time() < deadline:
+                try:
+                    source, message = self._events.get(timeout=max(0.0, deadline - time.time()))
+                except queue.Empty:
+                    break
+                if source is worker and message is not None and "check" in message:
+                    return message["check"]
+                held.append((source, message))
+                if source is worker and message is None:
+                    output = self.held_output().strip().splitlines()[-5:]
+                    raise RuntimeError("the trainer worker exited during the data check"
+                                       + (": " + " | ".join(output) if output else ""))
+        finally:
+            for item in held:  # for poll(): a ready line, or a death it must see
+                self._events.put(item)
+        raise RuntimeError(f"the data check did not answer within {timeout:.0f} s")
 
     def _read(self, worker: _Worker) -> None:
         assert worker.proc.stdout is not None
@@ -108,8 +184,9 @@ class WarmWorkerExecutor:
         worker.alive = False
         if worker in self._workers:
             self._workers.remove(worker)
-        if worker.log is not None:
-            worker.log.close()
+        with self._log_lock:
+            if worker.log is not None:
+                worker.log.close()
 
     # --- the Executor protocol -----------------------------------------------------------------
 
@@ -117,7 +194,8 @@ class WarmWorkerExecutor:
         self._winding_down = False
         idle = [w for w in self._live() if w.trial is None]
         worker = idle[0] if idle else self._spawn()
-        request = {"trial": number, "study": self.study_name, "log": str(self.log_path(number)),
+        log = self.log_path(number)
+        request = {"trial": number, "study": self.study_name, "log": str(log) if log else None,
                    "checkpoints": self.checkpoints}
         worker.trial, worker.trial_started = number, time.time()
         try:
@@ -167,14 +245,30 @@ class WarmWorkerExecutor:
         for worker in self._live():
             if worker.trial == number:
                 self._retire(worker)
-                _terminate([worker.proc], self.grace)
+                self._terminate([worker.proc])
 
     def stop_all(self) -> None:
         self._winding_down = True
         workers = self._live()
         for worker in workers:
             self._retire(worker)
-        _terminate([w.proc for w in workers], self.grace)
+        self._terminate([w.proc for w in workers])
+
+    def _terminate(self, procs: list[subprocess.Popen], grace: float | None = None) -> None:
+        grace = self.grace if grace is None else grace
+        if self.own_session:  # the worker and anything it started
+            _terminate(procs, grace)
+            return
+        for proc in procs:
+            if proc.poll() is None:
+                proc.terminate()
+        deadline = time.time() + grace
+        for proc in procs:
+            try:
+                proc.wait(max(0.0, deadline - time.time()))
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
 
     def wait(self, seconds: float) -> None:
         self._wake.wait(seconds)
@@ -195,5 +289,4 @@ class WarmWorkerExecutor:
             try:
                 worker.proc.wait(max(0.0, deadline - time.time()))
             except subprocess.TimeoutExpired:
-                os.killpg(worker.proc.pid, signal.SIGKILL)
-                worker.proc.wait()
+                self._terminate([worker.proc], grace=0.0)

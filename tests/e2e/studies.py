@@ -15,9 +15,13 @@ NAMESPACE = "default"
 TERMINAL_POD_PHASES = ("Succeeded", "Failed")
 
 
-def study_manifest(name: str, bucket: str, *, max_trials: int = 4, parallel: int = 2, **spec_overrides: Any) -> dict:
+MODES = ("perTrial", "warmWorkers")  # spec.execution.mode: a pod per trial, or worker pods
+
+
+def study_manifest(name: str, bucket: str, *, max_trials: int = 4, parallel: int = 2, mode: str = "perTrial",
+                   **spec_overrides: Any) -> dict:
     """A tiny study (16x16 inputs, 300 images, 1-2 epochs): a grid of 1- and 2-layer networks whose
-    2-layer trials reuse the 1-layer ones' conv layer."""
+    2-layer trials reuse the 1-layer ones' conv layer. mode: how its trials run (both are tested)."""
     spec = {
         "searchSpace": {
             "convLayers": {"type": "int", "low": 1, "high": 2},
@@ -32,6 +36,7 @@ def study_manifest(name: str, bucket: str, *, max_trials: int = 4, parallel: int
         "storage": {"databaseSecret": {"name": "strata-db", "key": "url"}, "checkpoints": bucket,
                     "objectStoreSecret": "strata-s3"},
         "trainer": {"resources": {"requests": {"cpu": "1"}, "limits": {"cpu": "1", "memory": "2Gi"}}},
+        "execution": {"mode": mode},
     }
     spec.update(spec_overrides)
     return {"apiVersion": "hpo.strata.dev/v1alpha1", "kind": "HPOStudy",
@@ -82,6 +87,16 @@ def events(k8s_api, name: str, reason: str | None = None, type_: str | None = No
 def trial_pods(k8s_api, name: str) -> list[dict]:
     """The study's trial pods (not its data check pod)."""
     return k8s_api.list("pods", NAMESPACE, labels=f"hpo.strata.dev/study={name},hpo.strata.dev/trial")
+
+
+def worker_pods(k8s_api, name: str) -> list[dict]:
+    """The study's worker pods (spec.execution.mode warmWorkers)."""
+    return k8s_api.list("pods", NAMESPACE, labels=f"hpo.strata.dev/study={name},hpo.strata.dev/worker")
+
+
+def study_pods(k8s_api, name: str, mode: str) -> list[dict]:
+    """Where the study's trials run: its trial pods, or its worker pods."""
+    return worker_pods(k8s_api, name) if mode == "warmWorkers" else trial_pods(k8s_api, name)
 
 
 def data_check_pods(k8s_api, name: str) -> list[dict]:

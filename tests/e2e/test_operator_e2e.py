@@ -9,7 +9,7 @@ import pytest
 from optuna.trial import TrialState
 
 from tests.e2e.studies import (
-    apply, assert_exactly, events, optuna_trials, study_manifest, trial_pods, wait_for_phase,
+    MODES, apply, assert_exactly, events, optuna_trials, study_manifest, study_pods, wait_for_phase,
 )
 from tests.k8s.kubelet import LocalKubelet
 from tests.services import wait_for
@@ -67,12 +67,13 @@ def operator_api_calls(k8s_api) -> set[tuple[str, str, str]]:
     return calls
 
 
+@pytest.mark.parametrize("mode", MODES)
 def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubectl_shows_it(
-        k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path):
+        k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path, mode):
     with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env, max_running=2) as kubelet:
-        apply(kubectl, study_manifest("fashion", s3_bucket, max_trials=4))
+        apply(kubectl, study_manifest("fashion", s3_bucket, max_trials=4, mode=mode))
         status = wait_for_phase(k8s_api, operator, "fashion", "Succeeded")
-    assert kubelet.peak_running <= 2
+    assert kubelet.peak_running <= 2  # trainer pods, or worker pods (each running one trial at a time)
     assert status["trials"]["finished"] == 4 and status["completed"] == "4/4"
     assert status["trials"]["complete"] == 4 and status["trials"]["running"] == 0
     assert status["best"]["value"] > 0
@@ -106,8 +107,12 @@ def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubec
     assert not events(k8s_api, "fashion", type_="Warning")
 
     # kubectl delete: the finalizer removes the trainer pods, the Optuna study stays (keepOnDelete)
-    pods = {p["metadata"]["name"] for p in trial_pods(k8s_api, "fashion")}
-    assert len(pods) == 4
+    pods = {p["metadata"]["name"] for p in study_pods(k8s_api, "fashion", mode)}
+    if mode == "perTrial":
+        assert len(pods) == 4
+    else:  # the worker pods went when the study ended; every trial ran in one of at most 2 of them
+        workers = {t.user_attrs["strata.worker"] for t in trials}
+        assert pods == set() and 1 <= len(workers) <= 2, workers
     assert "hpo.strata.dev/finalizer" in k8s_api.get("hpostudies", "fashion")["metadata"]["finalizers"]
     # --wait=false: kubectl's own wait races the emulator's watch replay under load; poll the API instead
     assert "deleted" in kubectl("delete", "hpostudy", "fashion", "--wait=false").stdout
@@ -120,10 +125,12 @@ def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubec
         trail = [line for line in operator.output().splitlines()
                  if "inaliz" in line or "atch" in line or "elet" in line][-40:]
         pytest.fail(f"the study was not removed; metadata {left}; operator:\n" + "\n".join(trail))
-    assert trial_pods(k8s_api, "fashion") == []
+    assert study_pods(k8s_api, "fashion", mode) == []
     deleted_by_operator = {r.name for r in k8s_api.requests if r.method == "DELETE" and r.resource
                            and r.resource.plural == "pods"}
     assert pods <= deleted_by_operator  # not left to garbage collection
+    if mode == "warmWorkers":
+        assert workers <= deleted_by_operator
     kept = optuna.load_study(study_name="default.fashion", storage=postgres_url)
     assert len(kept.trials) == len(trials)
     assert "Traceback" not in operator.output(), operator.output()[-6000:]

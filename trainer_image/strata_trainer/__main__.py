@@ -26,6 +26,9 @@ def main(argv: list[str] | None = None) -> int:
     what.add_argument("--trial", type=int, help="trial number, already asked by the scheduler")
     what.add_argument("--worker", action="store_true",
                       help="a warm worker: run the trials assigned on stdin, one JSON line each")
+    what.add_argument("--serve", metavar="POD",
+                      help="a worker pod: run the study's trials the operator assigns to POD")
+    parser.add_argument("--slots", type=int, default=1, help="with --serve: trials at once (trialsPerGpu)")
     what.add_argument("--check-data", action="store_true",
                       help="load the study's dataset as its trials would and record the verdict in the study")
     parser.add_argument("--checkpoints", default=os.environ.get("STRATA_CHECKPOINTS"),
@@ -36,12 +39,18 @@ def main(argv: list[str] | None = None) -> int:
         print("strata_trainer: --storage or STRATA_STORAGE_URL is required", file=sys.stderr)
         return 2
     if not args.worker and not args.study:
-        print("strata_trainer: --study is required with --trial and --check-data", file=sys.stderr)
+        print("strata_trainer: --study is required with --trial, --check-data and --serve", file=sys.stderr)
         return 2
     if args.worker:
         from strata_trainer.worker import main as worker_main
 
         return worker_main(args.storage)
+    if args.serve:
+        from strata.redaction import register_secret
+        from strata_trainer.podworker import serve_pod
+
+        register_secret(args.storage)
+        return serve_pod(args.storage, args.study, args.serve, args.slots)
     from strata_trainer.trial import EXIT_USAGE, run_trial  # torch import after argument checks
 
     try:

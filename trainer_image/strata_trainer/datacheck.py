@@ -10,21 +10,24 @@ settings it checked (strata.study.data_check_key), so a changed dataset is check
 from __future__ import annotations
 
 import logging
+from typing import Callable
 
 import optuna
 
 from strata.spec import StudySpec
 from strata.study import ATTR_DATA_CHECK, data_check_key
-from strata_trainer.data import DatasetError, load_dataset
+from strata_trainer.data import DatasetError, DatasetSplits, load_dataset
 
 log = logging.getLogger("strata.trainer")
 
 
-def verdict_for(spec: StudySpec) -> dict:
-    """Load the study's splits as a trial would: {"key", "ok", "message", ...} (nothing recorded)."""
+def verdict_for(spec: StudySpec, load: Callable[[StudySpec], DatasetSplits] | None = None) -> dict:
+    """Load the study's splits as a trial would: {"key", "ok", "message", ...} (nothing recorded).
+
+    `load` is how the trials load them (a warm worker keeps what it loaded for its first trial)."""
     verdict: dict = {"key": data_check_key(spec)}
     try:
-        data = load_dataset(spec.training, spec.storage.s3_endpoint)
+        data = load(spec) if load else load_dataset(spec.training, spec.storage.s3_endpoint)
     except DatasetError as error:
         verdict.update(ok=False, message=str(error))
     else:

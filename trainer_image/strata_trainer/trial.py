@@ -18,7 +18,7 @@ from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
-    ATTR_REGISTRY_PUBLISH_FAILURES, load_study, open_storage,
+    ATTR_REGISTRY_PUBLISH_FAILURES, ATTR_TRAINING_STARTED, load_study, open_storage,
 )
 from strata.redaction import register_secret
 from strata.retrying_storage import RetryingStorage, call_with_retry
@@ -208,6 +208,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         ATTR_DONOR_TRIAL: reused.donor.trial_number if reused else None,
         ATTR_DONOR_STUDY: reused.donor.study if reused else None,
         ATTR_REGISTRY_LOAD_FAILURES: len(load_failures),
+        ATTR_TRAINING_STARTED: round(time.time(), 3),
     }
     started = time.perf_counter()
     spill_dir = os.environ.get("STRATA_SPILL_DIR") or tempfile.gettempdir()

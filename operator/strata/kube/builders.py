@@ -17,6 +17,7 @@ from strata.spec import API_GROUP, API_VERSION, KIND, SecretKeyRef, StudySpec, T
 LABEL_STUDY = f"{API_GROUP}/study"
 LABEL_TRIAL = f"{API_GROUP}/trial"
 LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_WORKER = f"{API_GROUP}/worker"  # worker pods (spec.execution.mode warmWorkers): the pool, cpu or gpu
 ANNOTATION_REPORTED = f"{API_GROUP}/reported"
 TRAINER_COMMAND = ["python", "-m", "strata_trainer"]  # the trainer image's entrypoint module
 TRAINER_UID = 1000
@@ -76,6 +77,12 @@ def study_label(study: str) -> str:
 
 def trial_pod_name(study: str, number: int) -> str:
     return _pod_name(study, f"-trial-{number}")
+
+
+def worker_pod_name(study: str, gpu: bool, token: str) -> str:
+    """A worker pod's name: unique per pod ever made (token), so a replacement never takes a dead
+    pod's name while that one is still being removed, and a trial's worker is never ambiguous."""
+    return _pod_name(study, f"-{'gpu' if gpu else 'cpu'}-worker-{token}")
 
 
 def data_check_pod_name(study: str) -> str:
@@ -159,6 +166,18 @@ def build_trial_pod(*, name: str, namespace: str, uid: str, number: int, params:
                         labels={LABEL_TRIAL: str(number), LABEL_COMPONENT: "trainer"})
 
 
+def build_worker_pod(*, name: str, namespace: str, uid: str, gpu: bool, token: str, slots: int,
+                     spec: StudySpec, settings: OperatorSettings) -> dict[str, Any]:
+    """A long-lived worker pod (strata_trainer.podworker): it runs the trials the operator assigns it,
+    `slots` at once, one after another, without starting Python or torch again. Placement as a GPU or
+    CPU trial's pod; no activeDeadlineSeconds (the operator times out each trial)."""
+    pod_name = worker_pod_name(name, gpu, token)
+    return _trainer_pod(name=name, namespace=namespace, uid=uid, spec=spec, settings=settings, pod_name=pod_name,
+                        gpu=gpu, args=["--study", optuna_study_name(namespace, name), "--serve", pod_name,
+                                       "--slots", str(slots)],
+                        labels={LABEL_WORKER: "gpu" if gpu else "cpu", LABEL_COMPONENT: "worker"}, deadline=False)
+
+
 def build_data_check_pod(*, name: str, namespace: str, uid: str, spec: StudySpec,
                          settings: OperatorSettings) -> dict[str, Any]:
     """The pod that checks the study's data once before its first trial (strata_trainer.datacheck):
@@ -170,7 +189,8 @@ def build_data_check_pod(*, name: str, namespace: str, uid: str, spec: StudySpec
 
 
 def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settings: OperatorSettings,
-                 pod_name: str, gpu: bool, args: list[str], labels: dict[str, str]) -> dict[str, Any]:
+                 pod_name: str, gpu: bool, args: list[str], labels: dict[str, str],
+                 deadline: bool = True) -> dict[str, Any]:
     trainer = spec.trainer
     gpu_selector = (trainer.gpu.node_selector or settings.gpu_node_selector) if gpu else {}
     gpu_tolerations = list(trainer.gpu.tolerations or settings.gpu_tolerations) if gpu else []
@@ -242,7 +262,7 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
         pod_spec["serviceAccountName"] = trainer.service_account_name
     else:
         pod_spec["automountServiceAccountToken"] = False  # trainers never call the Kubernetes API
-    if spec.trials.timeout_seconds:
+    if spec.trials.timeout_seconds and deadline:
         pod_spec["activeDeadlineSeconds"] = spec.trials.timeout_seconds + 60  # the operator stops it first
     return omit_none({
         "apiVersion": "v1",

@@ -26,6 +26,8 @@ from strata.executors import WorkerExit
 from strata.health import DATABASE, KUBERNETES, REGISTRY, DependencyHealth, Outage
 from strata.kube import builders
 from strata.kube.api import KubeApi, SecretMissing
+from strata.kube.trial_pods import ATTR_POD, TERMINAL, Happening, PodExecutor, _api_reason, _termination
+from strata.kube.worker_pods import WorkerPodExecutor
 from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
 from strata.redaction import scrub
@@ -43,27 +45,15 @@ from strata.study import (
 )
 
 log = logging.getLogger(__name__)
-ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
-TERMINAL = ("Succeeded", "Failed")
+ATTR_EXECUTION_MODE = "strata.execution_mode"  # study attr: perTrial or warmWorkers, set once
 USAGE_INTERVAL_SECONDS = 60.0  # listing a bucket is not free: registry size at most once a minute
 PROBE_INTERVAL_SECONDS = 5.0  # how often a study's layer registry is checked for reachability
 # What a database outage raises through Optuna (RDB storages wrap SQLAlchemy's errors; journals raise OSError).
 STORAGE_ERRORS = (StorageError, StorageInternalError, sqlalchemy.exc.SQLAlchemyError, OSError)
 DATA_CHECK_ATTEMPTS = 3  # data check pods that may end without a verdict before the study shows DataCheckFailed
-POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
 
 # An event as it was posted: (type, reason, message).
 Event = tuple[str, str, str]
-
-
-@dataclass(frozen=True)
-class Happening:
-    """Something to post as an Event, once: `key` names the happening (trial 3 started, ...)."""
-
-    type: str
-    reason: str
-    message: str
-    key: str
 
 
 class SettingsError(ValueError):
@@ -115,133 +105,13 @@ def _secret_ref(variable: str, name: str, key: str) -> SecretKeyRef:
         raise SettingsError(f"{variable}: {format_validation_error(error)}") from None
 
 
-class PodExecutor:
-    """The Executor protocol over one study's trainer pods (refreshed once per reconcile).
-
-    `post` puts an Event out at once (before the pod exists for TrialStarted): a restart between
-    the two posts it again under the same name, which the API refuses, so each is posted once.
-    """
-
-    def __init__(self, api: KubeApi, namespace: str, name: str, uid: str, spec: StudySpec,
-                 settings: builders.OperatorSettings, study: optuna.Study, post: Callable[[Happening], None]):
-        self.api, self.namespace, self.name, self.uid = api, namespace, name, uid
-        self.spec, self.settings, self.study, self.post = spec, settings, study, post
-        self.pods: dict[int, dict[str, Any]] = {}
-        self.rejected: dict[int, str] = {}  # trials whose pod the API refused as built: fail them
-        self.create_error: str | None = None  # the API failed a create for another reason (quota, outage)
-        self.refresh()
-
-    def refresh(self) -> None:
-        self.pods = {}
-        for pod in self.api.list_pods(self.namespace, builders.study_selector(self.name)):
-            labels = pod["metadata"].get("labels", {})
-            if builders.owned_by(pod, self.name) and builders.LABEL_TRIAL in labels:
-                self.pods[int(labels[builders.LABEL_TRIAL])] = pod
-
-    @staticmethod
-    def _phase(pod: dict[str, Any]) -> str:
-        return (pod.get("status") or {}).get("phase") or "Pending"
-
-    def active(self) -> set[int]:
-        return {n for n, pod in self.pods.items()
-                if self._phase(pod) not in TERMINAL and not pod["metadata"].get("deletionTimestamp")}
-
-    def started_at(self, number: int) -> float:
-        stamp = (self.pods[number].get("status") or {}).get("startTime") or self.pods[number]["metadata"].get("creationTimestamp")
-        if not stamp:
-            return time.time()
-        import datetime as dt
-
-        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
-
-    def poll(self) -> list[WorkerExit]:
-        exits = []
-        for number, pod in self.pods.items():
-            annotations = pod["metadata"].get("annotations") or {}
-            if self._phase(pod) in TERMINAL and annotations.get(builders.ANNOTATION_REPORTED) != "true":
-                code, reason = _termination(pod)
-                exits.append(WorkerExit(number, code, reason, 0.0))
-        # Lost: a trial we gave a pod is still RUNNING in Optuna, but its pod is gone.
-        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
-            if ATTR_POD in trial.user_attrs and trial.number not in self.pods:
-                exits.append(WorkerExit(trial.number, -1, "Lost", 0.0))
-        return exits
-
-    def start(self, number: int) -> None:
-        trial = self.study.get_trials(deepcopy=False)[number]
-        body = builders.build_trial_pod(name=self.name, namespace=self.namespace, uid=self.uid, number=number,
-                                        params=trial.params, spec=self.spec, settings=self.settings)
-        pod_name = body["metadata"]["name"]
-        gpu = " on a GPU node" if self.spec.trainer.gpu.wants(trial.params) else ""
-        retry = trial.user_attrs.get(ATTR_RETRY_OF)
-        if retry is not None:
-            self.post(Happening("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {pod_name}){gpu}",
-                                f"trial-{number}-started"))
-        else:
-            self.post(Happening("Normal", "TrialStarted", f"trial {number} started in pod {pod_name}{gpu}",
-                                f"trial-{number}-started"))
-        try:
-            created = self.api.create_pod(body)
-        except ApiException as error:
-            message = f"pod {pod_name}: {_api_reason(error)}"
-            if error.status in POD_REJECTED:
-                self.rejected[number] = f"the API refused trial {number}'s pod: {message}"
-            else:
-                self.create_error = message
-            return
-        if not created:
-            old = self.pods.get(number)
-            if old is None:  # the name is taken by a pod that is not this trial's
-                self.rejected[number] = f"pod name {pod_name} is taken by a pod this study does not own"
-            elif self._phase(old) in TERMINAL:
-                # A finished pod of a trial that is RUNNING again: replace it on the next reconcile.
-                self.api.delete_pod(self.namespace, old["metadata"]["name"], grace_seconds=0)
-            return
-        self.create_error = None
-        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_POD, pod_name)
-        self.pods[number] = body
-
-    def stop(self, number: int) -> None:
-        pod = self.pods.pop(number, None)
-        if pod is not None:
-            self.api.delete_pod(self.namespace, pod["metadata"]["name"])
-
-    def stop_all(self) -> None:
-        for number in list(self.active()):
-            self.stop(number)
-
-    def mark_reported(self, exits: list[WorkerExit]) -> None:
-        for worker in exits:
-            pod = self.pods.get(worker.number)
-            if pod is not None:
-                self.api.annotate_pod(self.namespace, pod["metadata"]["name"], {builders.ANNOTATION_REPORTED: "true"})
-
-
-def _api_reason(error: ApiException) -> str:
-    """The API server's own message (its Status body), else the HTTP reason."""
-    try:
-        return json.loads(error.body or "{}").get("message") or f"{error.status} {error.reason}"
-    except (TypeError, ValueError):
-        return f"{error.status} {error.reason}"
-
-
-def _termination(pod: dict[str, Any]) -> tuple[int, str]:
-    status = pod.get("status") or {}
-    if status.get("reason") == "Evicted":
-        return -1, "Evicted"
-    for container in status.get("containerStatuses") or []:
-        terminated = (container.get("state") or {}).get("terminated")
-        if terminated:
-            return int(terminated.get("exitCode", -1)), terminated.get("reason") or "Error"
-    return (0, "Completed") if status.get("phase") == "Succeeded" else (-1, status.get("reason") or "Error")
-
-
 @dataclass
 class StudyRuntime:
     spec_json: str
     study: optuna.Study
     scheduler: TrialScheduler
     url: str  # the Optuna storage URL (shown only through redact)
+    reported: set[int] = field(default_factory=set)  # worker trials whose end was seen (Events posted)
 
 
 @dataclass
@@ -460,8 +330,20 @@ class StudyService:
         if gate is not None:
             return gate
         try:
-            executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study, post)
-            outcome, plan, exits = step(scheduler, executor, spec.trials.parallel)
+            mode = self._execution_mode(runtime, spec)
+        except STORAGE_ERRORS as error:
+            return self._storage_down(status, generation, _storage_message(runtime, error), post, health)
+        if mode != spec.execution.mode:
+            return self._invalid(status, "InvalidSpec", f"spec.execution.mode: the study runs its trials as {mode}; "
+                                 f"it cannot change to {spec.execution.mode} (make a new study)", generation, post)
+        try:
+            if mode == "warmWorkers":
+                executor = WorkerPodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings,
+                                             runtime.study, post, runtime.reported)
+            else:
+                executor = PodExecutor(self.api, namespace, name, uid, scheduler.spec, self.settings, runtime.study,
+                                       post)
+            outcome, plan, exits = step(scheduler, executor, executor.capacity())
             for number, reason in executor.rejected.items():
                 scheduler.fail_attempt(number, reason, kind="rejected")
                 post(Happening("Warning", "TrialPodRejected", reason, f"trial-{number}-rejected"))
@@ -478,8 +360,9 @@ class StudyService:
                     finished = scheduler.progress().finished
                     post(Happening(kind, "Study" + outcome.phase, outcome.message,
                                    f"study-{outcome.phase.lower()}-g{generation}-{finished}"))
+            executor.fit(suspended=outcome.phase == "Suspended")
             executor.refresh()
-            progress = scheduler.progress(executor.active())
+            progress = scheduler.progress(executor.running())
         except STORAGE_ERRORS as error:
             return self._storage_down(status, generation, _storage_message(runtime, error), post, health)
         self._track(health, DATABASE, None, post)
@@ -487,6 +370,16 @@ class StudyService:
                                            optuna_name=runtime.study.study_name, generation=generation,
                                            outages=list(health.outages.values()))
         return ReconcileResult(new_status, [], outcome, progress)
+
+    @staticmethod
+    def _execution_mode(runtime: StudyRuntime, spec: StudySpec) -> str:
+        """The mode the study's trials run in, fixed by its first reconcile: trial pods and worker pods
+        do not see each other's trials, so switching mid-study could run a trial twice."""
+        mode = runtime.study.user_attrs.get(ATTR_EXECUTION_MODE)
+        if mode is None:
+            mode = spec.execution.mode
+            runtime.study.set_user_attr(ATTR_EXECUTION_MODE, mode)
+        return str(mode)
 
     def _data_gate(self, namespace: str, name: str, uid: str, runtime: StudyRuntime, status: dict[str, Any],
                    generation: int | None, post: Callable[[Happening], None]) -> ReconcileResult | None:

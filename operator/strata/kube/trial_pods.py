@@ -1,0 +1,167 @@
+"""Trial pods: the Executor protocol over one trainer pod per trial (spec.execution.mode perTrial).
+
+Which trial runs where lives in pod labels (strata.dev/trial) and the trial's `strata.pod` attr;
+a restarted operator lists the pods again. Shared with strata.kube.worker_pods: how a pod ended,
+what the API said, and Happening (an Event to post once).
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from typing import Any, Callable
+
+import optuna
+from kubernetes.client.rest import ApiException
+from optuna.trial import TrialState
+
+from strata.executors import WorkerExit
+from strata.kube import builders
+from strata.kube.api import KubeApi
+from strata.spec import StudySpec
+from strata.study import ATTR_RETRY_OF
+
+ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
+TERMINAL = ("Succeeded", "Failed")
+POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
+
+
+@dataclass(frozen=True)
+class Happening:
+    """Something to post as an Event, once: `key` names the happening (trial 3 started, ...)."""
+
+    type: str
+    reason: str
+    message: str
+    key: str
+
+
+class PodExecutor:
+    """The Executor protocol over one study's trainer pods (refreshed once per reconcile).
+
+    `post` puts an Event out at once (before the pod exists for TrialStarted): a restart between
+    the two posts it again under the same name, which the API refuses, so each is posted once.
+    """
+
+    def __init__(self, api: KubeApi, namespace: str, name: str, uid: str, spec: StudySpec,
+                 settings: builders.OperatorSettings, study: optuna.Study, post: Callable[[Happening], None]):
+        self.api, self.namespace, self.name, self.uid = api, namespace, name, uid
+        self.spec, self.settings, self.study, self.post = spec, settings, study, post
+        self.pods: dict[int, dict[str, Any]] = {}
+        self.rejected: dict[int, str] = {}  # trials whose pod the API refused as built: fail them
+        self.create_error: str | None = None  # the API failed a create for another reason (quota, outage)
+        self.refresh()
+
+    def refresh(self) -> None:
+        self.pods = {}
+        for pod in self.api.list_pods(self.namespace, builders.study_selector(self.name)):
+            labels = pod["metadata"].get("labels", {})
+            if builders.owned_by(pod, self.name) and builders.LABEL_TRIAL in labels:
+                self.pods[int(labels[builders.LABEL_TRIAL])] = pod
+
+    @staticmethod
+    def _phase(pod: dict[str, Any]) -> str:
+        return (pod.get("status") or {}).get("phase") or "Pending"
+
+    def capacity(self) -> int:
+        return self.spec.trials.parallel  # a pod per trial: launched is running
+
+    def running(self) -> set[int]:
+        return self.active()
+
+    def fit(self, suspended: bool) -> None:
+        """Nothing to fit: a trial pod ends with its trial."""
+
+    def active(self) -> set[int]:
+        return {n for n, pod in self.pods.items()
+                if self._phase(pod) not in TERMINAL and not pod["metadata"].get("deletionTimestamp")}
+
+    def started_at(self, number: int) -> float:
+        stamp = (self.pods[number].get("status") or {}).get("startTime") or self.pods[number]["metadata"].get("creationTimestamp")
+        if not stamp:
+            return time.time()
+        import datetime as dt
+
+        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+
+    def poll(self) -> list[WorkerExit]:
+        exits = []
+        for number, pod in self.pods.items():
+            annotations = pod["metadata"].get("annotations") or {}
+            if self._phase(pod) in TERMINAL and annotations.get(builders.ANNOTATION_REPORTED) != "true":
+                code, reason = _termination(pod)
+                exits.append(WorkerExit(number, code, reason, 0.0))
+        # Lost: a trial we gave a pod is still RUNNING in Optuna, but its pod is gone.
+        for trial in self.study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+            if ATTR_POD in trial.user_attrs and trial.number not in self.pods:
+                exits.append(WorkerExit(trial.number, -1, "Lost", 0.0))
+        return exits
+
+    def start(self, number: int) -> None:
+        trial = self.study.get_trials(deepcopy=False)[number]
+        body = builders.build_trial_pod(name=self.name, namespace=self.namespace, uid=self.uid, number=number,
+                                        params=trial.params, spec=self.spec, settings=self.settings)
+        pod_name = body["metadata"]["name"]
+        gpu = " on a GPU node" if self.spec.trainer.gpu.wants(trial.params) else ""
+        retry = trial.user_attrs.get(ATTR_RETRY_OF)
+        if retry is not None:
+            self.post(Happening("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {pod_name}){gpu}",
+                                f"trial-{number}-started"))
+        else:
+            self.post(Happening("Normal", "TrialStarted", f"trial {number} started in pod {pod_name}{gpu}",
+                                f"trial-{number}-started"))
+        try:
+            created = self.api.create_pod(body)
+        except ApiException as error:
+            message = f"pod {pod_name}: {_api_reason(error)}"
+            if error.status in POD_REJECTED:
+                self.rejected[number] = f"the API refused trial {number}'s pod: {message}"
+            else:
+                self.create_error = message
+            return
+        if not created:
+            old = self.pods.get(number)
+            if old is None:  # the name is taken by a pod that is not this trial's
+                self.rejected[number] = f"pod name {pod_name} is taken by a pod this study does not own"
+            elif self._phase(old) in TERMINAL:
+                # A finished pod of a trial that is RUNNING again: replace it on the next reconcile.
+                self.api.delete_pod(self.namespace, old["metadata"]["name"], grace_seconds=0)
+            return
+        self.create_error = None
+        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_POD, pod_name)
+        self.pods[number] = body
+
+    def stop(self, number: int) -> None:
+        pod = self.pods.pop(number, None)
+        if pod is not None:
+            self.api.delete_pod(self.namespace, pod["metadata"]["name"])
+
+    def stop_all(self) -> None:
+        for number in list(self.active()):
+            self.stop(number)
+
+    def mark_reported(self, exits: list[WorkerExit]) -> None:
+        for worker in exits:
+            pod = self.pods.get(worker.number)
+            if pod is not None:
+                self.api.annotate_pod(self.namespace, pod["metadata"]["name"], {builders.ANNOTATION_REPORTED: "true"})
+
+
+def _api_reason(error: ApiException) -> str:
+    """The API server's own message (its Status body), else the HTTP reason."""
+    try:
+        return json.loads(error.body or "{}").get("message") or f"{error.status} {error.reason}"
+    except (TypeError, ValueError):
+        return f"{error.status} {error.reason}"
+
+
+def _termination(pod: dict[str, Any]) -> tuple[int, str]:
+    status = pod.get("status") or {}
+    if status.get("reason") == "Evicted":
+        return -1, "Evicted"
+    for container in status.get("containerStatuses") or []:
+        terminated = (container.get("state") or {}).get("terminated")
+        if terminated:
+            return int(terminated.get("exitCode", -1)), terminated.get("reason") or "Error"
+    return (0, "Completed") if status.get("phase") == "Succeeded" else (-1, status.get("reason") or "Error")
