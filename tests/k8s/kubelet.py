@@ -109,6 +109,14 @@ class LocalKubelet:
         """Kill this pod's process with SIGKILL ``after`` seconds into its run and report OOMKilled."""
         self._oom[namespace, name] = after
 
+    def oom_kill(self, name: str, namespace: str = 'default') -> bool:
+        """Kill a running pod's processes now with SIGKILL and report OOMKilled; False if it is not running."""
+        for run in list(self._runs.values()):
+            if (run.namespace, run.name) == (namespace, name) and run.process and run.process.returncode is None:
+                asyncio.run_coroutine_threadsafe(self._oom_kill(run, 0.0), self._loop).result(10)
+                return True
+        return False
+
     def pid(self, name: str, namespace: str = 'default') -> int | None:
         """The process id of the pod's container while it runs."""
         for run in list(self._runs.values()):
