@@ -130,13 +130,17 @@ def test_status_of_a_study_that_never_ran_says_so_and_creates_no_journal(tmp_pat
 # --- a tiny study on the embedded defaults -------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def finished_study(tmp_path_factory) -> dict[str, Any]:
-    """The tiny study run once with 2 workers on the defaults: a journal and a folder next to it."""
+MODES = {"warm workers": [], "process per trial": ["--per-trial-processes"]}
+
+
+@pytest.fixture(scope="module", params=list(MODES))
+def finished_study(request, tmp_path_factory) -> dict[str, Any]:
+    """The tiny study run once with 2 workers on the defaults: a journal and a folder next to it; in
+    warm workers (the default) and with a process per trial."""
     directory = tmp_path_factory.mktemp("tiny-study")
     study_file = write_study(directory)
     result = strata("run", study_file, "--workers", "2", "--report", directory / "report.json", "--quiet",
-                    cwd=directory)
+                    *MODES[request.param], cwd=directory)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"directory": directory, "study_file": study_file, "result": result,
             "report": json.loads((directory / "report.json").read_text())}
@@ -222,9 +226,14 @@ def finished_in_logs(directory: Path) -> set[int]:
 
 
 @needs_fashion_mnist
-def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(tmp_path):
-    study_file = write_study(tmp_path, trials={"max": 5, "parallel": 2, "maxFailed": 0, "retries": 0})
-    run = subprocess.Popen([str(STRATA), "run", str(study_file), "--workers", "2", "--quiet"], cwd=tmp_path,
+@pytest.mark.parametrize("mode", list(MODES))
+def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(tmp_path, mode):
+    # Trials long enough to be interrupted in the middle even in a warm worker.
+    study_file = write_study(tmp_path, trials={"max": 5, "parallel": 2, "maxFailed": 0, "retries": 0},
+                             training={"subsetSize": 3000, "inputSize": 16, "epochs": 2, "epochsWhenReusing": 2,
+                                       "earlyStopPatience": 0})
+    run = subprocess.Popen([str(STRATA), "run", str(study_file), "--workers", "2", "--quiet", *MODES[mode]],
+                           cwd=tmp_path,
                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
         # Two trials done and another trainer started (its log exists, it has not finished).
@@ -247,7 +256,8 @@ def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(tmp_pa
     assert all(left[n].state == TrialState.RUNNING for n in interrupted)  # left for the next run, not failed
     assert [n for n, t in left.items() if t.state == TrialState.FAIL] == []
 
-    resumed = strata("run", study_file, "--workers", "2", "--report", tmp_path / "report.json", "--quiet", cwd=tmp_path)
+    resumed = strata("run", study_file, "--workers", "2", "--report", tmp_path / "report.json", "--quiet",
+                     *MODES[mode], cwd=tmp_path)
 
     assert resumed.returncode == 0, resumed.stdout + resumed.stderr
     trials = journal_trials(study_file)

@@ -22,6 +22,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz")
 
 
+@pytest.mark.timeout(900)
 @pytest.mark.skipif(not FASHION_MNIST.is_file(), reason="Debian package dataset-fashion-mnist is not installed")
 def test_every_part_of_the_quick_fault_campaign_passes(tmp_path):
     run = subprocess.run([sys.executable, str(ROOT / "bench" / "fault_campaign.py"), "--quick", "--out", str(tmp_path)],

@@ -147,10 +147,14 @@ class WorkerPodExecutor:
     def start(self, number: int) -> None:
         trial = self.trials[number] if number < len(self.trials) else self.study.get_trials(deepcopy=False)[number]
         pool = self._pool(trial.params)
-        room = self.slots(pool) + QUEUED_PER_POD
-        candidates = [(len(self._queue(n)), n) for n in self._live_pods(pool)]
-        candidates = [c for c in candidates if c[0] < room]
-        pod_name = min(candidates)[1] if candidates else self._new_pod(pool)
+        slots = self.slots(pool)
+        loads = sorted((len(self._queue(n)), n) for n in self._live_pods(pool))
+        # A free slot first, then a new pod (if parallel leaves room), then a place in a queue.
+        free = [n for load, n in loads if load < slots]
+        pod_name = free[0] if free else self._new_pod(pool)
+        if pod_name is None:
+            queued = [n for load, n in loads if load < slots + QUEUED_PER_POD]
+            pod_name = queued[0] if queued else None
         if pod_name is None:
             if self._refused:  # the API refuses the pool's pod as built: the trial fails with its reason
                 self.rejected[number] = f"the API refused trial {number}'s worker pod: {self._refused}"
