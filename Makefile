@@ -8,7 +8,7 @@ study: setup
 	.venv/bin/strata run examples/fashion-quick.yaml --report examples/fashion-quick.report.json
 
 test: setup
-	.venv/bin/python -m pytest -q -p no:cacheprovider
+	.venv/bin/python -m pytest -q -p no:cacheprovider --durations=15
 
 test-e2e: setup
 	.venv/bin/python -m pytest -q -m e2e

@@ -70,7 +70,7 @@ def run_study(document: dict[str, Any], directory: Path, *args: str) -> dict[str
     study_file = directory / "study.yaml"
     study_file.write_text(yaml.safe_dump(document, sort_keys=False))
     report_file = directory / "report.json"
-    started = time.monotonic()
+    started, started_epoch = time.monotonic(), time.time()
     completed = subprocess.run([str(STRATA), "run", str(study_file), "--quiet", "--report", str(report_file), *args],
                                cwd=directory, capture_output=True, text=True, timeout=7200)
     wall = time.monotonic() - started
@@ -79,7 +79,12 @@ def run_study(document: dict[str, Any], directory: Path, *args: str) -> dict[str
     report = json.loads(report_file.read_text())
     trained = [t for t in report["trials"] if t.get("train_seconds") is not None and not t.get("duplicate_of")]
     train = sum(float(t["train_seconds"]) for t in trained)
-    return {"wall": wall, "loop_wall": report["summary"]["wall_seconds"], "train": train, "trials": len(trained),
+    begun = [t["training_started"] for t in trained if t.get("training_started")]
+    # Start-up: from the command to the first trial's training (Python, imports, the data check, the
+    # first worker or process); after it, every second not training is per-trial overhead.
+    startup = min(begun) - started_epoch if begun else None
+    return {"wall": wall, "startup": startup, "loop_wall": report["summary"]["wall_seconds"], "train": train,
+            "trials": len(trained),
             "best": report["best"]["value"] if report.get("best") else None, "phase": report["phase"],
             "reused_trials": report["summary"]["reused_trials"]}
 
@@ -95,9 +100,11 @@ def overhead_part(quick: bool, work: Path) -> dict[str, Any]:
             arm = run_study(document, work / f"overhead-{workers}-{'warm' if not flags else 'process'}",
                             "--workers", str(workers), *flags)
             arm["overhead"] = (arm["wall"] - arm["train"] / workers) / arm["trials"]
+            arm["steady_overhead"] = (arm["wall"] - arm["startup"] - arm["train"] / workers) / arm["trials"]
             rows.append({"workers": workers, "mode": mode, **arm})
             print(f"  {workers} worker(s), {mode:17s}: wall {arm['wall']:6.1f} s, training {arm['train']:6.1f} s, "
-                  f"overhead {arm['overhead']:.2f} s/trial", flush=True)
+                  f"start-up {arm['startup']:.1f} s, overhead {arm['overhead']:.2f} s/trial "
+                  f"({arm['steady_overhead']:.2f} after start-up)", flush=True)
     by = {(r["workers"], r["mode"]): r for r in rows}
     ratios = {workers: by[(workers, "process per trial")]["wall"] / by[(workers, "warm workers")]["wall"]
               for workers in (1, 2)}
@@ -182,10 +189,11 @@ PARTS: dict[str, Callable[[bool, Path], dict[str, Any]]] = {"overhead": overhead
 def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = ["# Overhead benchmark", ""]
     if "overhead" in results:
-        lines += ["| workers | mode | wall (s) | training (s) | trials | overhead (s/trial) |", "|---|---|---|---|---|---|"]
+        lines += ["| workers | mode | wall (s) | training (s) | trials | start-up (s) | overhead (s/trial) | "
+                  "overhead after start-up (s/trial) |", "|---|---|---|---|---|---|---|---|"]
         for r in results["overhead"]["rows"]:
             lines.append(f"| {r['workers']} | {r['mode']} | {r['wall']:.1f} | {r['train']:.1f} | {r['trials']} | "
-                         f"{r['overhead']:.2f} |")
+                         f"{r['startup']:.1f} | {r['overhead']:.2f} | {r['steady_overhead']:.2f} |")
         lines += ["", "Wall-time ratio, process per trial / warm workers: " + ", ".join(
             f"{w} worker(s) {ratio:.2f}x" for w, ratio in results["overhead"]["wall_ratio"].items()), ""]
     if "reuse" in results:

@@ -235,7 +235,7 @@ class ProgressDisplay:
 def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
     from strata.study import (
         ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
-        ATTR_TRAIN_SECONDS,
+        ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED,
     )
 
     progress = scheduler.progress()
@@ -249,6 +249,8 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "epochs_run": t.user_attrs.get(ATTR_EPOCHS_RUN),
             "feature_cache": t.user_attrs.get(ATTR_FEATURE_CACHE),
             "shared_features": t.user_attrs.get(ATTR_SHARED_FEATURES),
+            "training_started": t.user_attrs.get(ATTR_TRAINING_STARTED),  # epoch seconds
+            "finished_at": round(t.datetime_complete.timestamp(), 3) if t.datetime_complete else None,
         })
     best = progress.best
     return {

@@ -192,6 +192,8 @@ class WarmWorkerExecutor:
 
     def start(self, number: int) -> None:
         self._winding_down = False
+        if not self._logs_kept:
+            self.keep_logs()  # a trial starts: the run's inputs were accepted
         idle = [w for w in self._live() if w.trial is None]
         worker = idle[0] if idle else self._spawn()
         log = self.log_path(number)

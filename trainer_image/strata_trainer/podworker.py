@@ -32,6 +32,7 @@ from strata.workers import WarmWorkerExecutor
 
 log = logging.getLogger("strata.podworker")
 POLL_SECONDS = 0.2
+GONE_SECONDS = 2.0  # a trial not RUNNING this long, without its trainer's answer, was failed by the operator
 TOLD = (0, 1, 3)  # exit codes of a trainer that told Optuna itself (complete, failed, pruned)
 
 
@@ -57,6 +58,7 @@ def serve_pod(storage_url: str, study_name: str, pod_name: str, slots: int) -> i
     stop = threading.Event()
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     log.info("worker pod %s: %d slot(s) for study %s", pod_name, slots, study_name)
+    gone: dict[int, float] = {}
     try:
         while not stop.is_set():
             try:
@@ -65,7 +67,7 @@ def serve_pod(storage_url: str, study_name: str, pod_name: str, slots: int) -> i
             except KeyError:
                 log.info("study %s is gone: stopping", study_name)
                 return 0
-            step(storage, executor, running, pod_name, slots)
+            step(storage, executor, running, pod_name, slots, gone)
             executor.wait(POLL_SECONDS)
     finally:
         executor.stop_all()
@@ -74,18 +76,31 @@ def serve_pod(storage_url: str, study_name: str, pod_name: str, slots: int) -> i
 
 
 def step(storage: optuna.storages.BaseStorage, executor: WarmWorkerExecutor, running: dict, pod_name: str,
-         slots: int) -> list[int]:
-    """One pass: stop, record, claim. Returns the trials claimed."""
-    for number in list(executor.active()):
-        trial = running.get(number)
-        if trial is None or trial.user_attrs.get(ATTR_STOP):
-            log.info("trial %d stopped by the operator", number)
-            executor.stop(number)
+         slots: int, gone: dict[int, float] | None = None) -> list[int]:
+    """One pass: record what ended, stop what the operator stopped, claim. Returns the trials claimed.
+
+    `gone` (kept across passes): since when a trial this pod runs is no longer RUNNING. A trainer
+    tells Optuna before it answers, so a trial that just finished looks gone for a moment while its
+    answer is on the way; it is killed only if it stays so (the operator failed it: a timeout, the
+    study's end) or carries the stop mark."""
+    gone = gone if gone is not None else {}
     for ended in executor.poll():
+        gone.pop(ended.number, None)
         trial = running.get(ended.number)
         if ended.exit_code not in TOLD and trial is not None:
             storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER_EXIT,
                                         {"code": ended.exit_code, "reason": ended.reason})
+    now = time.time()
+    for number in list(executor.active()):
+        trial = running.get(number)
+        if trial is not None and not trial.user_attrs.get(ATTR_STOP):
+            gone.pop(number, None)
+            continue
+        since = gone.setdefault(number, now)
+        if (trial is not None and trial.user_attrs.get(ATTR_STOP)) or now - since > GONE_SECONDS:
+            log.info("trial %d stopped by the operator", number)
+            executor.stop(number)
+            gone.pop(number, None)
     claimed = []
     queued = sorted((t for t in running.values() if t.user_attrs.get(ATTR_ASSIGNED) == pod_name
                      and ATTR_WORKER_STARTED not in t.user_attrs and not t.user_attrs.get(ATTR_STOP)),

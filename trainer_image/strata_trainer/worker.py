@@ -96,7 +96,11 @@ class _TrialLog:
 
     def __enter__(self) -> "_TrialLog":
         if self.path:
-            self.handler = logging.FileHandler(self.path, encoding="utf-8")
+            try:
+                self.handler = logging.FileHandler(self.path, encoding="utf-8")
+            except OSError as error:  # the trial still runs; its lines go to the worker's own log
+                log.warning("cannot write the trial log %s: %s", self.path, error)
+                return self
             self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
             self.handler.addFilter(SecretFilter())
             logging.getLogger().addHandler(self.handler)

@@ -18,6 +18,9 @@ from strata.spec import API_GROUP, API_VERSION
 RESOURCE = (API_GROUP, API_VERSION, "hpostudies")
 FINALIZER = f"{API_GROUP}/finalizer"
 RECONCILE_SECONDS = float(os.environ.get("STRATA_RECONCILE_SECONDS", "5"))
+# Studies in worker pods reconcile more often: each worker pod holds one queued trial beyond those it
+# runs, and a reconcile refills it, so short trials never leave a warm pod waiting for work.
+WORKER_RECONCILE_SECONDS = float(os.environ.get("STRATA_WORKER_RECONCILE_SECONDS", "1"))
 log = logging.getLogger("strata.operator")
 
 
@@ -81,9 +84,24 @@ def on_spec(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
     _reconcile(memo, body, patch)
 
 
+def _in_worker_pods(spec: kopf.Spec, **_) -> bool:
+    return (spec.get("execution") or {}).get("mode", "warmWorkers") == "warmWorkers"
+
+
+def _in_trial_pods(spec: kopf.Spec, **kwargs) -> bool:
+    return not _in_worker_pods(spec, **kwargs)
+
+
 # backoff: an unexpected error retries at the reconcile pace, not after Kopf's default minute.
-@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False, backoff=RECONCILE_SECONDS)
+@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False, backoff=RECONCILE_SECONDS,
+            when=_in_trial_pods)
 def on_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
+    _reconcile(memo, body, patch)
+
+
+@kopf.timer(*RESOURCE, interval=WORKER_RECONCILE_SECONDS, initial_delay=1.0, sharp=False,
+            backoff=WORKER_RECONCILE_SECONDS, when=_in_worker_pods)
+def on_worker_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
     _reconcile(memo, body, patch)
 
 
