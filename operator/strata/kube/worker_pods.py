@@ -14,8 +14,9 @@ attempt (infrastructure: retried as a new trial, as for a trial pod). A pod that
 nothing more, so the operator reads its claims only after it is gone: no trial runs twice.
 
 Hand-off without waiting for a reconcile: each pod gets one trial more than it runs at once (its
-next one, queued in the storage), so when a trial ends the pod starts the next within its poll
-interval (0.2 s), and the operator refills the queue at its next reconcile.
+next one, queued in the storage; two while trials last under SHORT_TRIAL_SECONDS), so when a trial
+ends the pod starts the next within its poll interval (0.2 s), and the operator refills the queue at
+its next reconcile (every second for these studies).
 
 The bound of spec.trials.parallel: the pods' slots (1 per CPU pod, trialsPerGpu per GPU pod, at
 most parallel) add up to at most parallel, so at most parallel trials train at once. Pods are
@@ -42,6 +43,8 @@ from strata.study import (
     ATTR_ASSIGNED, ATTR_REPORTED_BELOW, ATTR_RETRY_OF, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED,
 )
 QUEUED_PER_POD = 1  # trials waiting in a pod beyond those it runs: the next one, started without a reconcile
+SHORT_TRIAL_SECONDS = 3.0  # trials shorter than this (median of the last few) get a second queued one: a
+SHORT_QUEUED_PER_POD = 2  # queue of one drains before the next reconcile (1 s apart) can refill it
 
 
 class WorkerPodExecutor:
@@ -99,7 +102,17 @@ class WorkerPodExecutor:
 
     def capacity(self) -> int:
         """Trials the scheduler may keep launched: parallel, plus one queued next per live pod."""
-        return self.spec.trials.parallel + QUEUED_PER_POD * len(self._live_pods())
+        return self.spec.trials.parallel + self._queued_per_pod() * len(self._live_pods())
+
+    def _queued_per_pod(self) -> int:
+        """One queued trial per pod; two while trials are short (each queued trial is one proposal the
+        sampler makes before seeing the running ones' results, so no deeper than needed)."""
+        recent = [t.datetime_complete.timestamp() - float(t.user_attrs[ATTR_WORKER_STARTED])
+                  for t in self.trials[-12:] if t.state == TrialState.COMPLETE and t.datetime_complete
+                  and ATTR_WORKER_STARTED in t.user_attrs][-5:]
+        if len(recent) >= 3 and sorted(recent)[len(recent) // 2] < SHORT_TRIAL_SECONDS:
+            return SHORT_QUEUED_PER_POD
+        return QUEUED_PER_POD
 
     def active(self) -> set[int]:
         return {t.number for name in self._live_pods() for t in self._queue(name)}
@@ -153,7 +166,7 @@ class WorkerPodExecutor:
         free = [n for load, n in loads if load < slots]
         pod_name = free[0] if free else self._new_pod(pool)
         if pod_name is None:
-            queued = [n for load, n in loads if load < slots + QUEUED_PER_POD]
+            queued = [n for load, n in loads if load < slots + self._queued_per_pod()]
             pod_name = queued[0] if queued else None
         if pod_name is None:
             if self._refused:  # the API refuses the pool's pod as built: the trial fails with its reason
