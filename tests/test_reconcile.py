@@ -39,6 +39,7 @@ class Reconciler:
             "sampler": {"name": "random", "seed": 3},
             "trials": {"max": 4, "parallel": 2, "maxFailed": 5, "retries": 1},
             "storage": {"optunaUrl": storage_url},
+            "execution": {"mode": "perTrial"},  # these tests play each trial pod's fate (worker pods: e2e)
             **spec_changes,
         }
         self.status: dict[str, Any] = {}
