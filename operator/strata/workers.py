@@ -43,7 +43,6 @@ class _Worker:
     proc: subprocess.Popen
     trial: int | None = None
     trial_started: float = 0.0  # epoch seconds
-    trials_run: int = 0
     alive: bool = True
     log: IO[bytes] | None = field(default=None, repr=False)
     held: list[bytes] = field(default_factory=list, repr=False)  # output before keep_logs()
@@ -228,7 +227,6 @@ class WarmWorkerExecutor:
                 reason = "Completed" if code in (0, 3) else "Error"
                 exits.append(WorkerExit(worker.trial, code, reason, float(message.get("seconds", 0.0))))
                 worker.trial = None
-                worker.trials_run += 1
         # Keep the pool at its size: a dead worker's replacement imports torch while others train.
         while not self._winding_down and len(self._live()) < self.size:
             self._spawn()

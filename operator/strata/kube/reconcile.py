@@ -26,7 +26,7 @@ from strata.executors import WorkerExit
 from strata.health import DATABASE, KUBERNETES, REGISTRY, DependencyHealth, Outage
 from strata.kube import builders
 from strata.kube.api import KubeApi, SecretMissing
-from strata.kube.trial_pods import ATTR_POD, TERMINAL, Happening, PodExecutor, _api_reason, _termination
+from strata.kube.trial_pods import ATTR_POD, TERMINAL, Happening, PodExecutor, _api_reason, _termination, owned_pods
 from strata.kube.worker_pods import WorkerPodExecutor
 from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
@@ -494,9 +494,8 @@ class StudyService:
 
     def delete(self, namespace: str, name: str, raw_spec: dict[str, Any]) -> list[Event]:
         """Finalizer: remove the study's pods; keep the Optuna study and checkpoints unless told."""
-        for pod in self.api.list_pods(namespace, builders.study_selector(name)):
-            if builders.owned_by(pod, name):
-                self.api.delete_pod(namespace, pod["metadata"]["name"], grace_seconds=0)
+        for pod in owned_pods(self.api, namespace, name):
+            self.api.delete_pod(namespace, pod["metadata"]["name"], grace_seconds=0)
         try:
             spec = parse_spec(raw_spec)
         except SpecError:

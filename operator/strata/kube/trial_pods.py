@@ -27,6 +27,12 @@ TERMINAL = ("Succeeded", "Failed")
 POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
 
 
+def owned_pods(api: KubeApi, namespace: str, name: str, label: str | None = None) -> list[dict[str, Any]]:
+    """The study's own pods (selected by its label, owned by it), those carrying `label` if given."""
+    return [pod for pod in api.list_pods(namespace, builders.study_selector(name))
+            if builders.owned_by(pod, name) and (label is None or label in (pod["metadata"].get("labels") or {}))]
+
+
 @dataclass(frozen=True)
 class Happening:
     """Something to post as an Event, once: `key` names the happening (trial 3 started, ...)."""
@@ -54,11 +60,8 @@ class PodExecutor:
         self.refresh()
 
     def refresh(self) -> None:
-        self.pods = {}
-        for pod in self.api.list_pods(self.namespace, builders.study_selector(self.name)):
-            labels = pod["metadata"].get("labels", {})
-            if builders.owned_by(pod, self.name) and builders.LABEL_TRIAL in labels:
-                self.pods[int(labels[builders.LABEL_TRIAL])] = pod
+        self.pods = {int(pod["metadata"]["labels"][builders.LABEL_TRIAL]): pod
+                     for pod in owned_pods(self.api, self.namespace, self.name, builders.LABEL_TRIAL)}
 
     @staticmethod
     def _phase(pod: dict[str, Any]) -> str:

@@ -37,7 +37,7 @@ from optuna.trial import FrozenTrial, TrialState
 from strata.executors import WorkerExit
 from strata.kube import builders
 from strata.kube.api import KubeApi
-from strata.kube.trial_pods import POD_REJECTED, TERMINAL, Happening, _api_reason, _termination
+from strata.kube.trial_pods import POD_REJECTED, TERMINAL, Happening, _api_reason, _termination, owned_pods
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_ASSIGNED, ATTR_REPORTED_BELOW, ATTR_RETRY_OF, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED,
@@ -62,17 +62,16 @@ class WorkerPodExecutor:
         self._refused: str | None = None  # the API refused a worker pod as built
         self.pods: dict[str, dict[str, Any]] = {}
         self.trials: list[FrozenTrial] = []
+        self._assignments: dict[int, str] = {}  # written since the last refresh (no re-read per launch)
         self.refresh()
 
     # --- what is there ---------------------------------------------------------------------------
 
     def refresh(self) -> None:
-        self.pods = {}
-        for pod in self.api.list_pods(self.namespace, builders.study_selector(self.name)):
-            labels = pod["metadata"].get("labels", {})
-            if builders.owned_by(pod, self.name) and builders.LABEL_WORKER in labels:
-                self.pods[pod["metadata"]["name"]] = pod
+        self.pods = {pod["metadata"]["name"]: pod
+                     for pod in owned_pods(self.api, self.namespace, self.name, builders.LABEL_WORKER)}
         self.trials = self.study.get_trials(deepcopy=False)
+        self._assignments = {}
 
     @staticmethod
     def _alive(pod: dict[str, Any]) -> bool:
@@ -91,7 +90,17 @@ class WorkerPodExecutor:
         return max(1, min(per_gpu, self.spec.trials.parallel))
 
     def _assigned_to(self, t: FrozenTrial) -> str:
+        if t.number in self._assignments:
+            return self._assignments[t.number]
         return str(t.user_attrs.get(ATTR_ASSIGNED) or "")
+
+    def _assign(self, t: FrozenTrial, pod_name: str) -> None:
+        self.study._storage.set_trial_user_attr(t._trial_id, ATTR_ASSIGNED, pod_name)
+        self._assignments[t.number] = pod_name
+
+    def _slots_used(self) -> int:
+        return sum(self.slots(self.pods[n]["metadata"]["labels"].get(builders.LABEL_WORKER, "cpu"))
+                   for n in self._live_pods())
 
     def _queue(self, pod_name: str) -> list[FrozenTrial]:
         """RUNNING trials given to this pod (running or next), whose trainer has not given up."""
@@ -127,7 +136,6 @@ class WorkerPodExecutor:
 
     def poll(self) -> list[WorkerExit]:
         exits = []
-        storage = self.study._storage
         below = int(self.study.user_attrs.get(ATTR_REPORTED_BELOW, 0))
         for t in self.trials[below:]:
             pod_name = self._assigned_to(t)
@@ -154,7 +162,7 @@ class WorkerPodExecutor:
                 code, reason = _termination(pod) if pod is not None else (-1, "Lost")
                 exits.append(WorkerExit(t.number, code, f"worker pod {pod_name}: {reason}", 0.0))
             else:  # never claimed: give it back to the scheduler, no attempt was made
-                storage.set_trial_user_attr(t._trial_id, ATTR_ASSIGNED, "")
+                self._assign(t, "")
         return exits
 
     def start(self, number: int) -> None:
@@ -180,15 +188,14 @@ class WorkerPodExecutor:
         else:
             self.post(Happening("Normal", "TrialStarted", f"trial {number} started in worker pod {pod_name}{gpu}",
                                 f"trial-{number}-started"))
-        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_ASSIGNED, pod_name)
-        self.trials = self.study.get_trials(deepcopy=False)
+        if number >= len(self.trials):  # asked by this plan: the list grows, earlier entries stay
+            self.trials = self.study.get_trials(deepcopy=False)
+        self._assign(trial, pod_name)
 
     def _new_pod(self, pool: str) -> str | None:
         """A new worker pod for the pool if the pods' slots leave room within parallel."""
-        used = sum(self.slots(self.pods[n]["metadata"]["labels"].get(builders.LABEL_WORKER, "cpu"))
-                   for n in self._live_pods())
-        if used + self.slots(pool) > self.spec.trials.parallel:
-            self._remove_idle(exclude_pool=pool, keep=0, limit=1)  # room for the next reconcile
+        if self._slots_used() + self.slots(pool) > self.spec.trials.parallel:
+            self._remove_idle(exclude_pool=pool, limit=1)  # room for the next reconcile
             return None
         body = builders.build_worker_pod(name=self.name, namespace=self.namespace, uid=self.uid, gpu=pool == "gpu",
                                          token=secrets.token_hex(3), slots=self.slots(pool), spec=self.spec,
@@ -209,11 +216,11 @@ class WorkerPodExecutor:
         self.pods[pod_name] = body
         return pod_name
 
-    def _remove_idle(self, exclude_pool: str | None = None, keep: int = 0, limit: int | None = None) -> int:
+    def _remove_idle(self, exclude_pool: str | None = None, limit: int | None = None) -> int:
         removed = 0
         idle = [n for n in self._live_pods() if not self._queue(n)
                 and self.pods[n]["metadata"]["labels"].get(builders.LABEL_WORKER) != exclude_pool]
-        for pod_name in idle[keep:]:
+        for pod_name in idle:
             if limit is not None and removed >= limit:
                 break
             self.api.delete_pod(self.namespace, pod_name, grace_seconds=0)
@@ -226,11 +233,8 @@ class WorkerPodExecutor:
         if suspended:
             self._remove_idle()
             return
-        used = sum(self.slots(self.pods[n]["metadata"]["labels"].get(builders.LABEL_WORKER, "cpu"))
-                   for n in self._live_pods())
-        while used > self.spec.trials.parallel and self._remove_idle(limit=1):
-            used = sum(self.slots(self.pods[n]["metadata"]["labels"].get(builders.LABEL_WORKER, "cpu"))
-                       for n in self._live_pods())
+        while self._slots_used() > self.spec.trials.parallel and self._remove_idle(limit=1):
+            pass
 
     def stop(self, number: int) -> None:
         """Stop one trial: its worker kills it (and only it) at its next poll; the pod stays."""
