@@ -20,13 +20,13 @@ from typing import Any
 
 import torch
 
-from strata.architecture import CNNArchitecture
+from strata.families import Architecture
 from strata.registry import LayerRegistry
 from strata.spec import StudySpec
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import DatasetSplits
 from strata_trainer.features import SharedFeatureStore
-from strata_trainer.model import CNN
+from strata_trainer.models import StagedModel, build_model
 from strata_trainer.training import TrainResult, train
 from strata_trainer.trial import find_reusable_prefix, publish_prefixes
 
@@ -87,12 +87,12 @@ def _fill(run: ArmRun, result: TrainResult) -> None:
     run.cache_seconds = max(0.0, result.train_seconds - run.epoch_seconds)
 
 
-def _new_run(arm: str, arch: CNNArchitecture, config: dict[str, Any]) -> ArmRun:
-    return ArmRun(arm=arm, config=dict(config), label=arch.describe(), depth=arch.conv_layers, seconds=0.0,
+def _new_run(arm: str, arch: Architecture, config: dict[str, Any]) -> ArmRun:
+    return ArmRun(arm=arm, config=dict(config), label=arch.describe(), depth=arch.depth, seconds=0.0,
                   val_loss=None, val_accuracy=None, best_epoch=0, epochs_run=0, val_loss_per_epoch=[])
 
 
-def _train(run: ArmRun, model: CNN, setup: TrainingSetup, *, frozen: int, epochs: int, patience: int,
+def _train(run: ArmRun, model: StagedModel, setup: TrainingSetup, *, frozen: int, epochs: int, patience: int,
            cache: bool) -> TrainResult | None:
     try:
         result = train(model, setup.data, frozen_layers=frozen, epochs=epochs, patience=patience, seed=setup.seed,
@@ -105,29 +105,29 @@ def _train(run: ArmRun, model: CNN, setup: TrainingSetup, *, frozen: int, epochs
     return result
 
 
-def train_baseline(arch: CNNArchitecture, config: dict[str, Any], setup: TrainingSetup,
+def train_baseline(arch: Architecture, config: dict[str, Any], setup: TrainingSetup,
                    epochs: int) -> tuple[ArmRun, bytes]:
     """From scratch; also returns the trained conv layers, the paper arm's donor for depth n+1."""
     run = _new_run(BASELINE, arch, config)
     started = time.perf_counter()
     torch.manual_seed(setup.seed)
-    model = CNN(arch)
+    model = build_model(arch, setup.data.num_classes)
     _train(run, model, setup, frozen=0, epochs=epochs, patience=0, cache=False)
     run.seconds = time.perf_counter() - started
     # The trained network as it ends (the paper takes the weights of the finished baseline training).
-    return run, prefix_to_bytes(model.prefix_state(arch.conv_layers))
+    return run, prefix_to_bytes(model.prefix_state(arch.depth))
 
 
-def train_paper(arch: CNNArchitecture, config: dict[str, Any], setup: TrainingSetup, epochs: int,
+def train_paper(arch: Architecture, config: dict[str, Any], setup: TrainingSetup, epochs: int,
                 donor_weights: bytes, donor_label: str) -> ArmRun:
     """The first n-1 layers of the baseline run with n-1 layers, frozen; the rest trained every epoch."""
     run = _new_run(PAPER, arch, config)
-    k = arch.conv_layers - 1
+    k = arch.depth - 1
     started = time.perf_counter()
     state = prefix_from_bytes(donor_weights)
     prefix = {name: tensor for name, tensor in state.items() if int(name.split(".")[0]) < k}
     torch.manual_seed(setup.seed)
-    model = CNN(arch)
+    model = build_model(arch, setup.data.num_classes)
     model.load_prefix(prefix, k)
     run.donor_seconds = time.perf_counter() - started
     run.reused_layers, run.donor = k, f"baseline {donor_label}"
@@ -136,7 +136,7 @@ def train_paper(arch: CNNArchitecture, config: dict[str, Any], setup: TrainingSe
     return run
 
 
-def train_strata(arch: CNNArchitecture, config: dict[str, Any], setup: TrainingSetup, spec: StudySpec,
+def train_strata(arch: Architecture, config: dict[str, Any], setup: TrainingSetup, spec: StudySpec,
                  registry: LayerRegistry | None, *, study: str, trial_number: int) -> ArmRun:
     """One Strata trial in this process: the steps of strata_trainer.trial._train_and_tell.
 
@@ -145,9 +145,9 @@ def train_strata(arch: CNNArchitecture, config: dict[str, Any], setup: TrainingS
     run = _new_run(STRATA, arch, config)
     run.trial_number = trial_number
     started = time.perf_counter()
-    reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs) if registry is not None else None
     torch.manual_seed(setup.seed)
-    model = CNN(arch)
+    model = build_model(arch, setup.data.num_classes)
+    reused = find_reusable_prefix(registry, model, spec.reuse.min_donor_epochs) if registry is not None else None
     frozen = 0
     if reused is not None:
         model.load_prefix(reused.state, reused.layers)

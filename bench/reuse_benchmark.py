@@ -43,7 +43,7 @@ from optuna.trial import TrialState  # noqa: E402
 
 from bench import report  # noqa: E402
 from bench.arms import BASELINE, PAPER, STRATA, ArmRun, TrainingSetup, train_baseline, train_paper, train_strata  # noqa: E402
-from strata.architecture import architecture_from_params, check_space_fits_input  # noqa: E402
+from strata.families import architecture_from_params, check_space_fits_input  # noqa: E402
 from strata.objectstore import LocalFolderStore  # noqa: E402
 from strata.registry import LayerRegistry  # noqa: E402
 from strata.scheduler import TrialScheduler  # noqa: E402
@@ -169,12 +169,12 @@ def warm_up(spec: StudySpec, setup: TrainingSetup) -> None:
     seen: set[int] = set()
     for params in spec.grid():
         arch = architecture_from_params(spec, params)
-        if arch.conv_layers in seen:
+        if arch.depth in seen:
             continue
-        seen.add(arch.conv_layers)
+        seen.add(arch.depth)
         warm = spec.model_copy(update={"training": spec.training.model_copy(update={"epochs": 1, "epochs_when_reusing": 1})})
         _, weights = train_baseline(arch, params, setup, 1)
-        if arch.conv_layers > 1:
+        if arch.depth > 1:
             train_paper(arch, params, setup, 1, weights, "warm-up")
             train_strata(arch, params, setup, warm, None, study="warm-up", trial_number=0)
     log(f"warm-up: {time.perf_counter() - started:.1f}s (not counted)")
@@ -203,7 +203,7 @@ def run_grid(spec: StudySpec, setup: TrainingSetup, registry_dir: Path, runs_log
             number = plan.launch[0]
             params = dict(study.get_trials(deepcopy=False)[number].params)
             arch = architecture_from_params(spec, params)
-            depth = arch.conv_layers
+            depth = arch.depth
             arms = [BASELINE, PAPER, STRATA] if depth > 1 else [BASELINE, STRATA]
             shift = index % len(arms)
             done: dict[str, ArmRun] = {}

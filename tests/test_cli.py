@@ -21,7 +21,7 @@ import pytest
 import yaml
 from optuna.trial import TrialState
 
-from strata.architecture import architecture_from_params
+from strata.families import architecture_from_params
 from strata.objectstore import open_object_store
 from strata.registry import LayerRegistry
 from strata.spec import load_study_file

@@ -49,8 +49,9 @@ import jsonschema
 import pytest
 import yaml
 
+from strata import crd
 from strata.crd import PLURAL, build_crd
-from strata.spec import (KNOWN_PARAMETERS, QUALIFIED_NAME_LENGTHS, QUALIFIED_NAME_MAX, QUALIFIED_NAME_PATTERN,
+from strata.spec import (FAMILY_PARAMETERS, PARAMETER_NAME_PATTERN, TRAINING_PARAMETERS, QUALIFIED_NAME_LENGTHS, QUALIFIED_NAME_MAX, QUALIFIED_NAME_PATTERN,
                          RESOURCE_NAME_LENGTHS, RESOURCE_NAME_PATTERN, SpecError, parse_spec)
 from tests.k8s.fixtures import k8s_api, kubectl  # noqa: F401  (kubectl explain against the emulator)
 from tests.test_spec import DELETE, VALID, manifest  # one valid manifest, changed in one place per case
@@ -197,7 +198,16 @@ def _re2(pattern: str, text: str) -> bool:
     return re.fullmatch(pattern, text) is not None
 
 
-_KNOWN_LIST = "[" + ", ".join(f"'{name}'" for name in KNOWN_PARAMETERS) + "]"
+def _family_meaning(family: str) -> Callable[[dict[str, Any]], bool]:
+    def holds(s: dict[str, Any]) -> bool:
+        if ((s.get("model") or {}).get("family") or "paper-cnn") != family:
+            return True
+        if family == "custom":
+            return all(_re2(PARAMETER_NAME_PATTERN, k) for k in s["searchSpace"])
+        return all(k in FAMILY_PARAMETERS[family] or k in TRAINING_PARAMETERS for k in s["searchSpace"])
+    return holds
+
+
 CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     # a parameter of searchSpace
     "self.type != 'categorical' || has(self.choices)":
@@ -223,8 +233,6 @@ CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
     "self.type != 'int' || !has(self.step) || self.step == double(int(self.step))":
         lambda s: s["type"] != "int" or not _has(s, "step") or _integral(s["step"]),
     # searchSpace
-    f"self.all(k, k in {_KNOWN_LIST})":
-        lambda s: all(k in KNOWN_PARAMETERS for k in s),
     "!('fcLayout' in self) || !('fcLayers' in self || 'fcUnits' in self)":
         lambda s: "fcLayout" not in s or not ("fcLayers" in s or "fcUnits" in s),
     # trials
@@ -255,7 +263,19 @@ CEL_RULES: dict[str, Callable[[dict[str, Any]], bool]] = {
         lambda s: not _has(s, "tolerationSeconds") or s.get("effect") == "NoExecute",
     f"self == '' || self.matches('{QUALIFIED_NAME_LENGTHS}')":
         lambda s: s == "" or _re2(QUALIFIED_NAME_LENGTHS, s),
-    # spec
+    # spec: the parameter names each model family reads (paper-cnn when unset)
+    **{crd._family_rule(family)["rule"]: _family_meaning(family) for family in FAMILY_PARAMETERS},
+    # model, dataset, training
+    "(has(self.family) && self.family == 'custom') == has(self.entryPoint)":
+        lambda s: (s.get("family") == "custom") == _has(s, "entryPoint"),
+    "!has(self.name) || !(self.name in ['imagefolder', 'npz']) || (has(self.path) && self.path != '')":
+        lambda s: s.get("name") not in ("imagefolder", "npz") or bool(s.get("path")),
+    "!has(self.channels) || (has(self.name) && self.name in ['imagefolder', 'npz'])":
+        lambda s: not _has(s, "channels") or s.get("name") in ("imagefolder", "npz"),
+    "!(has(self.nesterov) && self.nesterov && has(self.optimizer) && self.optimizer == 'sgd' && "
+    "has(self.momentum) && self.momentum == 0.0)":
+        lambda s: not (s.get("nesterov") is True and s.get("optimizer") == "sgd" and _has(s, "momentum")
+                       and s["momentum"] == 0.0),
     "!has(self.sampler) || !has(self.sampler.name) || self.sampler.name != 'grid' || "
     "self.searchSpace.all(k, self.searchSpace[k].type != 'float' || has(self.searchSpace[k].step))":
         lambda s: (not _has(s, "sampler") or not _has(s["sampler"], "name") or s["sampler"]["name"] != "grid"
@@ -701,7 +721,7 @@ UNKNOWN_FIELDS = {
 MODEL_ONLY: dict[str, tuple[dict[str, Any], str]] = {
     "even kernelSize": (manifest(spec__searchSpace__kernelSize={"type": "categorical", "choices": [4]}),
                         "spec.searchSpace"),
-    "unknown optimizer": (manifest(spec__searchSpace__optimizer={"type": "categorical", "choices": ["adamw"]}),
+    "unknown optimizer": (manifest(spec__searchSpace__optimizer={"type": "categorical", "choices": ["nadam"]}),
                           "spec.searchSpace"),
     "fcLayout that is not a layout": (manifest(spec__searchSpace__fcLayout={"type": "categorical",
                                                                             "choices": ["big"]}), "spec.searchSpace"),

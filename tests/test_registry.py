@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from strata.architecture import ConvLayerSpec, architecture_from_params
+from strata.families import ConvLayerSpec, architecture_from_params
 from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_store
 from strata.registry import CorruptCheckpoint, LayerRegistry
 from strata.spec import StudySpec, parse_spec
@@ -41,12 +41,12 @@ def test_the_biggest_small_space_network_has_three_18_filter_conv_layers_on_one_
     arch = architecture_from_params(study_spec(), BIGGEST)
 
     assert arch.input_shape == (1, 32, 32)
-    assert arch.conv == (
+    assert arch.units == (
         ConvLayerSpec(in_channels=1, out_channels=18, kernel=3, padding=1),
         ConvLayerSpec(in_channels=18, out_channels=18, kernel=3, padding=1),
         ConvLayerSpec(in_channels=18, out_channels=18, kernel=3, padding=1),
     )
-    assert arch.fc_units == (500, 250)
+    assert arch.head["fc_units"] == (500, 250)
     assert [arch.feature_shape(k) for k in (1, 2, 3)] == [(18, 16, 16), (18, 8, 8), (18, 4, 4)]
     assert arch.num_classes == 10
 
@@ -54,17 +54,17 @@ def test_the_biggest_small_space_network_has_three_18_filter_conv_layers_on_one_
 def test_a_one_layer_network_with_a_5x5_kernel_and_no_hidden_fc_layer():
     arch = architecture_from_params(study_spec(), {"convLayers": 1, "filters": 6, "kernelSize": 5, "fcLayout": "none"})
 
-    assert arch.conv == (ConvLayerSpec(in_channels=1, out_channels=6, kernel=5, padding=2),)
-    assert arch.fc_units == ()
+    assert arch.units == (ConvLayerSpec(in_channels=1, out_channels=6, kernel=5, padding=2),)
+    assert arch.head["fc_units"] == ()
     assert arch.feature_shape(1) == (6, 16, 16)
 
 
 def test_fc_layers_and_units_give_equal_hidden_layers_and_defaults_fill_the_rest():
     arch = architecture_from_params(study_spec(), {"convLayers": 2, "fcLayers": 2, "fcUnits": 100})
 
-    assert arch.fc_units == (100, 100)
-    assert [(c.in_channels, c.out_channels, c.kernel) for c in arch.conv] == [(1, 18, 3), (18, 18, 3)]
-    assert (arch.learning_rate, arch.batch_size, arch.optimizer) == (1e-3, 32, "adam")
+    assert arch.head["fc_units"] == (100, 100)
+    assert [(c.in_channels, c.out_channels, c.kernel) for c in arch.units] == [(1, 18, 3), (18, 18, 3)]
+    assert (arch.training.learning_rate, arch.training.batch_size, arch.training.optimizer) == (1e-3, 32, "adam")
 
 
 def test_without_input_size_fashion_mnist_keeps_its_native_28x28():

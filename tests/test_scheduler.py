@@ -15,7 +15,7 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from strata.architecture import architecture_from_params
+from strata.families import architecture_from_params
 from strata.objectstore import open_object_store
 from strata.registry import LayerRegistry
 from strata.runner import step
@@ -170,13 +170,13 @@ def test_each_trial_of_the_chain_starts_once_its_donor_has_published(simulate):
 
     still = sim.plan(free_slots=1)  # the 1-layer donor is running: nothing else may start
     assert still.launch == []
-    assert still.waiting == {0: "waits for trial 1 to publish its 2-layer prefix",
-                             1: "waits for trial 2 to publish its 1-layer prefix"}
+    assert still.waiting == {0: "waits for trial 1 to publish its 2-unit prefix",
+                             1: "waits for trial 2 to publish its 1-unit prefix"}
 
     sim.complete(2)
     after_first = sim.plan(free_slots=1)
     assert after_first.launch == [1]
-    assert after_first.waiting[0] == "waits for trial 1 to publish its 2-layer prefix"
+    assert after_first.waiting[0] == "waits for trial 1 to publish its 2-unit prefix"
 
     sim.complete(1)
     assert sim.plan(free_slots=1).launch == [0]
@@ -195,7 +195,7 @@ def test_a_deep_proposal_whose_donor_is_published_starts_at_once(simulate):
     plan = sim.plan(free_slots=1)
 
     assert plan.launch == [2]
-    assert len(sim.trials()) == 3  # no donor enqueued: trial 0 published the 2-layer prefix
+    assert len(sim.trials()) == 3  # no donor enqueued: trial 0 published the 2-unit prefix
 
 
 def test_a_deep_proposal_waits_for_a_running_trial_that_will_publish_its_prefix(simulate):
@@ -207,7 +207,7 @@ def test_a_deep_proposal_waits_for_a_running_trial_that_will_publish_its_prefix(
     plan = sim.plan(free_slots=1)
 
     assert plan.launch == []
-    assert plan.waiting == {1: "waits for trial 0 to publish its 1-layer prefix"}
+    assert plan.waiting == {1: "waits for trial 0 to publish its 1-unit prefix"}
     assert len(sim.trials()) == 2  # the running trial is the donor: none enqueued
 
 

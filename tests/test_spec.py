@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from strata.architecture import check_space_fits_input
+from strata.families import check_space_fits_input
 from strata.spec import SpecError, StudySpec, load_study_file, parse_spec, parse_study, spec_to_json
 
 EXAMPLES = sorted((Path(__file__).resolve().parent.parent / "examples").glob("*.yaml"))
@@ -254,7 +254,7 @@ def test_spec_and_architecture_import_without_torch_and_in_either_order():
     import subprocess
     import sys
 
-    for first, second in (("strata.spec", "strata.architecture"), ("strata.architecture", "strata.spec")):
+    for first, second in (("strata.spec", "strata.families"), ("strata.families", "strata.spec")):
         code = (f"import sys, {first}, {second}; "
                 "heavy = [m for m in ('torch', 'torchvision', 'numpy', 'optuna') if m in sys.modules]; "
                 "assert not heavy, heavy")

@@ -24,7 +24,7 @@ import optuna
 import pytest
 import torch
 
-from strata.architecture import CNNArchitecture, architecture_from_params
+from strata.families import Architecture, architecture_from_params
 from strata.objectstore import ObjectStore, open_object_store
 from strata.registry import DonorMeta, LayerRegistry
 from strata.spec import StudySpec, Training, parse_spec
@@ -32,7 +32,7 @@ from strata.study import create_or_load_study, distributions
 from strata_trainer.__main__ import main as trainer_main
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import DatasetSplits, load_dataset
-from strata_trainer.model import CNN
+from strata_trainer.models import StagedModel, build_model
 from strata_trainer.resources import configure_threads, cpu_limit, memory_limit
 from strata_trainer.training import TrainResult, choose_cache_mode, train
 from strata_trainer.trial import (
@@ -63,14 +63,18 @@ def make_spec(*, input_size: int = INPUT, dataset: str = "fashion-mnist", search
 
 
 def make_arch(conv_layers: int, *, filters: int = 18, fc_layout: str = "50",
-              spec: StudySpec | None = None) -> CNNArchitecture:
+              spec: StudySpec | None = None) -> Architecture:
     return architecture_from_params(spec or make_spec(), {"convLayers": conv_layers, "filters": filters,
                                                           "fcLayout": fc_layout})
 
 
-def seeded_cnn(arch: CNNArchitecture, seed: int) -> CNN:
+def make_model(conv_layers: int, **kwargs: Any) -> StagedModel:
+    return build_model(make_arch(conv_layers, **kwargs), 10)
+
+
+def seeded_cnn(arch: Architecture, seed: int) -> StagedModel:
     torch.manual_seed(seed)
-    return CNN(arch)
+    return build_model(arch, 10)
 
 
 def assert_same_tensors(actual: dict[str, torch.Tensor], expected: dict[str, torch.Tensor]) -> None:
@@ -98,7 +102,7 @@ def restore_torch_threads():
 
 
 def train_reusing(data: DatasetSplits, donor_state: dict[str, torch.Tensor], frozen: int, *, conv_layers: int = 2,
-                  epochs: int = 2, seed: int = 7, **options: Any) -> tuple[CNN, TrainResult]:
+                  epochs: int = 2, seed: int = 7, **options: Any) -> tuple[StagedModel, TrainResult]:
     """A network whose first `frozen` blocks are the donor's, trained as a reusing trial trains it."""
     model = seeded_cnn(make_arch(conv_layers), seed)
     model.load_prefix(donor_state, frozen)
@@ -115,10 +119,10 @@ def train_reusing(data: DatasetSplits, donor_state: dict[str, torch.Tensor], fro
 @pytest.mark.parametrize("conv_layers", [1, 2, 3])
 def test_every_network_of_the_family_maps_a_batch_of_images_to_ten_logits(conv_layers, fc_layout):
     arch = make_arch(conv_layers, fc_layout=fc_layout, spec=make_spec(input_size=32))
-    model = CNN(arch)
+    model = build_model(arch, 10)
 
     assert model(torch.randn(5, 1, 32, 32)).shape == (5, 10)
-    blocks = [(b[0].in_channels, b[0].out_channels, b[0].kernel_size, b[0].padding) for b in model.conv]
+    blocks = [(b[0].in_channels, b[0].out_channels, b[0].kernel_size, b[0].padding) for b in model.units]
     assert blocks == [(1, 18, (3, 3), (1, 1))] + [(18, 18, (3, 3), (1, 1))] * (conv_layers - 1)
     flat = 18 * (32 >> conv_layers) ** 2
     widths = [flat, *FC_LAYOUTS[fc_layout], 10]
@@ -127,16 +131,16 @@ def test_every_network_of_the_family_maps_a_batch_of_images_to_ten_logits(conv_l
 
 
 def test_a_colour_dataset_feeds_three_channels_into_the_first_conv_block_only():
-    model = CNN(make_arch(3, filters=32, spec=make_spec(dataset="cifar10", input_size=32)))
+    model = build_model(make_arch(3, filters=32, spec=make_spec(dataset="cifar10", input_size=32)), 10)
 
-    assert [(b[0].in_channels, b[0].out_channels) for b in model.conv] == [(3, 32), (32, 32), (32, 32)]
+    assert [(b[0].in_channels, b[0].out_channels) for b in model.units] == [(3, 32), (32, 32), (32, 32)]
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 10)
 
 
 @pytest.mark.parametrize("input_size", [16, 28, 32])
 def test_feature_shape_is_the_shape_of_the_tensor_after_k_conv_blocks(input_size):
     arch = make_arch(3, spec=make_spec(input_size=input_size))
-    model = CNN(arch)
+    model = build_model(arch, 10)
     x = torch.randn(3, 1, input_size, input_size)
 
     for k in range(4):
@@ -163,7 +167,7 @@ def test_a_frozen_prefix_keeps_the_donors_weights_bit_for_bit_while_the_rest_lea
     model = seeded_cnn(make_arch(conv_layers), seed=2)
     model.load_prefix(donor_state, frozen)
     model.freeze_prefix(frozen)
-    frozen_params = {id(p) for p in model.conv[:frozen].parameters()}
+    frozen_params = {id(p) for p in model.units[:frozen].parameters()}
     before = {name: p.detach().clone() for name, p in model.named_parameters()}
 
     assert {id(p) for p in model.trainable_parameters()} == {id(p) for p in model.parameters()} - frozen_params
@@ -172,9 +176,9 @@ def test_a_frozen_prefix_keeps_the_donors_weights_bit_for_bit_while_the_rest_lea
 
     assert_same_tensors(model.prefix_state(frozen), donor_state)
     assert_same_tensors({k: v for k, v in result.best_prefix_state.items() if int(k.split(".")[0]) < frozen}, donor_state)
-    for p in model.conv[:frozen].parameters():
+    for p in model.units[:frozen].parameters():
         assert p.requires_grad is False and p.grad is None  # never in a backward pass, so never in the optimizer
-    assert not any(block.training for block in model.conv[:frozen])  # stays in eval mode through model.train()
+    assert not any(block.training for block in model.units[:frozen])  # stays in eval mode through model.train()
     changed = [name for name, p in model.named_parameters() if not torch.equal(p, before[name])]
     expected = [name for name, p in model.named_parameters() if id(p) not in frozen_params]
     assert changed == expected
@@ -213,7 +217,7 @@ def test_nothing_is_cached_without_a_frozen_prefix(fashion):
 
 
 def test_the_cache_falls_from_float32_to_float16_to_disk_as_the_memory_limit_shrinks():
-    model = CNN(make_arch(3))
+    model = build_model(make_arch(3), 10)
     images = 100
     float32_bytes = images * 18 * 8 * 8 * 4  # one block on 16x16: 18 maps of 8x8 per image
     # The cache may take half the limit; the rest is for the model and the batches.
@@ -328,13 +332,13 @@ def test_a_prefix_with_other_shapes_is_refused_and_the_network_keeps_its_weights
     before = model.prefix_state(2)
     narrower = seeded_cnn(make_arch(2, filters=8), seed=1).prefix_state(2)
 
-    with pytest.raises(ValueError, match=r"prefix tensor 0\.0\.weight: shape \(8, 1, 3, 3\) != \(18, 1, 3, 3\)"):
+    with pytest.raises(ValueError, match=r"prefix tensor 0\.0\.bias: shape \(8,\) != \(18,\)"):
         model.load_prefix(narrower, 2)
     assert_same_tensors(model.prefix_state(2), before)
 
 
 def test_a_prefix_of_another_depth_is_refused_by_its_keys():
-    model = CNN(make_arch(3))
+    model = build_model(make_arch(3), 10)
 
     with pytest.raises(ValueError, match="prefix keys"):
         model.load_prefix(seeded_cnn(make_arch(1), seed=0).prefix_state(1), 2)
@@ -368,16 +372,16 @@ def test_the_longest_reusable_prefix_below_the_networks_depth_wins_and_its_best_
     _, best_two = publish(registry, 2, seed=3, val_loss=0.4)
     publish(registry, 3, seed=4, val_loss=0.1)  # a whole network is never reused, however good
 
-    reused = find_reusable_prefix(registry, make_arch(3), min_epochs=1)
+    reused = find_reusable_prefix(registry, make_model(3), min_epochs=1)
 
     assert (reused.layers, reused.donor.trial_number, reused.donor.val_loss) == (2, 3, 0.4)
     assert_same_tensors(reused.state, best_two)
     # A two-layer network may only reuse one layer.
-    shallower = find_reusable_prefix(registry, make_arch(2), min_epochs=1)
+    shallower = find_reusable_prefix(registry, make_model(2), min_epochs=1)
     assert (shallower.layers, shallower.donor.trial_number) == (1, 1)
     # Another filter count is another signature: nothing to reuse.
-    assert find_reusable_prefix(registry, make_arch(3, filters=32), 1) is None
-    assert find_reusable_prefix(registry, make_arch(1), 1) is None
+    assert find_reusable_prefix(registry, make_model(3, filters=32), 1) is None
+    assert find_reusable_prefix(registry, make_model(1), 1) is None
 
 
 def test_donors_trained_fewer_epochs_than_required_are_passed_over(registry):
@@ -385,11 +389,11 @@ def test_donors_trained_fewer_epochs_than_required_are_passed_over(registry):
     publish(registry, 2, seed=2, val_loss=0.3, epochs=1)
     publish(registry, 2, seed=3, val_loss=0.4, epochs=3)
 
-    assert find_reusable_prefix(registry, make_arch(3), min_epochs=1).donor.trial_number == 2
-    assert find_reusable_prefix(registry, make_arch(3), min_epochs=2).donor.trial_number == 3
-    only_one_layer = find_reusable_prefix(registry, make_arch(3), min_epochs=4)
+    assert find_reusable_prefix(registry, make_model(3), min_epochs=1).donor.trial_number == 2
+    assert find_reusable_prefix(registry, make_model(3), min_epochs=2).donor.trial_number == 3
+    only_one_layer = find_reusable_prefix(registry, make_model(3), min_epochs=4)
     assert (only_one_layer.layers, only_one_layer.donor.trial_number) == (1, 1)
-    assert find_reusable_prefix(registry, make_arch(3), min_epochs=6) is None
+    assert find_reusable_prefix(registry, make_model(3), min_epochs=6) is None
 
 
 def test_a_tampered_donor_is_refused_for_the_next_best(registry, object_store, caplog):
@@ -397,7 +401,7 @@ def test_a_tampered_donor_is_refused_for_the_next_best(registry, object_store, c
     _, second = publish(registry, 2, seed=3, val_loss=0.4)
     tamper(object_store, best)
 
-    reused = find_reusable_prefix(registry, make_arch(3), min_epochs=1)
+    reused = find_reusable_prefix(registry, make_model(3), min_epochs=1)
 
     assert (reused.layers, reused.donor.trial_number) == (2, 3)
     assert_same_tensors(reused.state, second)
@@ -409,7 +413,7 @@ def test_when_every_donor_of_a_length_is_corrupt_a_shorter_prefix_is_reused(regi
     for seed in (2, 3):
         tamper(object_store, publish(registry, 2, seed=seed, val_loss=0.1 * seed)[0])
 
-    reused = find_reusable_prefix(registry, make_arch(3), min_epochs=1)
+    reused = find_reusable_prefix(registry, make_model(3), min_epochs=1)
 
     assert reused.layers == 1
     assert_same_tensors(reused.state, one)
@@ -419,7 +423,7 @@ def test_when_every_donor_is_corrupt_the_trial_reuses_nothing(registry, object_s
     for k, seed in ((1, 1), (2, 2), (2, 3)):
         tamper(object_store, publish(registry, k, seed=seed, val_loss=0.5)[0])
 
-    assert find_reusable_prefix(registry, make_arch(3), min_epochs=1) is None
+    assert find_reusable_prefix(registry, make_model(3), min_epochs=1) is None
 
 
 def test_a_donor_whose_weights_would_run_code_is_refused_for_the_next_best(registry, tmp_path, caplog):
@@ -429,7 +433,7 @@ def test_a_donor_whose_weights_would_run_code_is_refused_for_the_next_best(regis
                                trial_number=66, val_loss=0.01, epochs=3)
     _, honest = publish(registry, 2, seed=3, val_loss=0.4)
 
-    reused = find_reusable_prefix(registry, make_arch(3), min_epochs=1)
+    reused = find_reusable_prefix(registry, make_model(3), min_epochs=1)
 
     assert not marker.exists()
     assert (reused.layers, reused.donor.trial_number) == (2, 3)
@@ -450,7 +454,7 @@ def test_an_unreachable_s3_store_opens_no_registry_and_reuses_nothing(monkeypatc
     caplog.clear()
     # A store that goes away after the registry was opened: the lookup gives up, it does not raise.
     gone = LayerRegistry(open_object_store("s3://strata-layers/prefix", create=False))
-    assert find_reusable_prefix(gone, make_arch(3), min_epochs=1) is None
+    assert find_reusable_prefix(gone, make_model(3), min_epochs=1) is None
     assert "layer registry unreachable" in caplog.text
     assert time.monotonic() - started < 10  # bounded retries: seconds, not minutes
 
@@ -473,7 +477,7 @@ def test_a_trained_network_publishes_each_prefix_longer_than_the_one_it_reused(r
             assert donors == [], f"the {k}-layer prefix is the donor's, already published"
             continue
         assert [(d.depth, d.study, d.trial_number, d.val_loss, d.epochs) for d in donors] == [(k, "s", 7, 0.5, 2)]
-        fresh = CNN(make_arch(k))
+        fresh = build_model(make_arch(k), 10)
         fresh.load_prefix(prefix_from_bytes(registry.load_weights(donors[0])), k)
         assert_same_tensors(fresh.prefix_state(k), trained.prefix_state(k))
 

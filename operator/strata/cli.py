@@ -107,7 +107,7 @@ def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
 
 
 def cmd_run(args: argparse.Namespace) -> int:
-    from strata.architecture import check_space_fits_input
+    from strata.families import check_space_fits_input
     from strata.executors import LocalProcessExecutor
     from strata.workers import WarmWorkerExecutor
     from strata.objectstore import ObjectStoreError, open_object_store
@@ -234,8 +234,8 @@ class ProgressDisplay:
 
 def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
     from strata.study import (
-        ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
-        ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED,
+        ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
+        ATTR_TEST_ACCURACY, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED,
     )
 
     progress = scheduler.progress()
@@ -246,6 +246,9 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "reused_layers": int(t.user_attrs.get(ATTR_REUSED_LAYERS) or 0),
             "donor_trial": t.user_attrs.get(ATTR_DONOR_TRIAL),
             "train_seconds": t.user_attrs.get(ATTR_TRAIN_SECONDS),
+            "model": t.user_attrs.get(ATTR_MODEL),
+            "test_accuracy": t.user_attrs.get(ATTR_TEST_ACCURACY),
+            "test_seconds": t.user_attrs.get(ATTR_TEST_SECONDS),
             "epochs_run": t.user_attrs.get(ATTR_EPOCHS_RUN),
             "feature_cache": t.user_attrs.get(ATTR_FEATURE_CACHE),
             "shared_features": t.user_attrs.get(ATTR_SHARED_FEATURES),
@@ -257,7 +260,8 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
         "study": optuna_study.study_name,
         "phase": phase,
         "direction": scheduler.spec.objective.resolved_direction,
-        "best": {"number": best.number, "value": best.value, "params": best.params} if best else None,
+        "best": {"number": best.number, "value": best.value, "params": best.params, "model": best.model,
+                 "test_accuracy": best.test_accuracy} if best else None,
         "summary": {
             "complete": progress.complete, "pruned": progress.pruned, "failed": progress.failed,
             "reused_trials": progress.reused_trials, "reused_layers": progress.reused_layers,
@@ -291,7 +295,8 @@ def print_summary(report: dict[str, Any], out) -> None:
                   f"publish failure(s): those trials lost reuse (see the trial logs)\n")
     if report["best"]:
         b = report["best"]
-        out.write(f"best: trial {b['number']} value {b['value']:.4f} params {json.dumps(b['params'])}\n")
+        test = f" test accuracy {b['test_accuracy']:.4f}" if b.get("test_accuracy") is not None else ""
+        out.write(f"best: trial {b['number']} value {b['value']:.4f}{test} params {json.dumps(b['params'])}\n")
 
 
 # --- status / best -----------------------------------------------------------------------------

@@ -20,8 +20,8 @@ from typing import Any
 
 import yaml
 
-from strata.spec import (API_GROUP, API_VERSION, FIELD_DOCS, KNOWN_PARAMETERS, KIND, METRIC_RANGES,
-                         QUALIFIED_NAME_LENGTHS, QUALIFIED_NAME_PATTERN, RESOURCE_NAME_LENGTHS, RESOURCE_NAME_PATTERN,
+from strata.spec import (API_GROUP, API_VERSION, FAMILY_PARAMETERS, FIELD_DOCS, KIND, METRIC_RANGES,
+                         PARAMETER_NAME_PATTERN, QUALIFIED_NAME_LENGTHS, TRAINING_PARAMETERS, USER_DATASETS, QUALIFIED_NAME_PATTERN, RESOURCE_NAME_LENGTHS, RESOURCE_NAME_PATTERN,
                          StudySpec)
 
 PLURAL, SINGULAR, SHORT = "hpostudies", "hpostudy", ["hpo"]
@@ -46,12 +46,42 @@ PARAMETER_RULES = [
     {"rule": "self.type != 'int' || !has(self.step) || self.step == double(int(self.step))",
      "message": "int parameters need an integer step"},
 ]
+MAX_PARAMETERS = 64  # bounds the CEL cost of iterating the search space (a custom family names its own)
 SEARCH_SPACE_RULES = [
-    {"rule": "self.all(k, k in [" + ", ".join(f"'{name}'" for name in KNOWN_PARAMETERS) + "])",
-     "message": "unknown parameter (known: " + ", ".join(KNOWN_PARAMETERS) + ")"},
     {"rule": "!('fcLayout' in self) || !('fcLayers' in self || 'fcUnits' in self)",
      "message": "use either fcLayout or fcLayers/fcUnits, not both"},
 ]
+
+
+def _family_rule(family: str) -> dict[str, str]:
+    """The parameter names a family reads (paper-cnn is the default when spec.model.family is unset)."""
+    if family == "paper-cnn":
+        guard = "(has(self.model) && has(self.model.family) && self.model.family != 'paper-cnn')"
+    else:
+        guard = f"!has(self.model) || !has(self.model.family) || self.model.family != '{family}'"
+    if family == "custom":
+        return {"rule": f"{guard} || self.searchSpace.all(k, k.matches('{PARAMETER_NAME_PATTERN}'))",
+                "message": "a custom family's parameter names start with a letter, then letters, digits or _ "
+                           "(at most 63)"}
+    known = [*FAMILY_PARAMETERS[family], *TRAINING_PARAMETERS]
+    return {"rule": f"{guard} || self.searchSpace.all(k, k in [" + ", ".join(f"'{n}'" for n in known) + "])",
+            "message": f"unknown parameter for model family {family} (known: {', '.join(known)})"}
+
+
+FAMILY_RULES = [_family_rule(family) for family in FAMILY_PARAMETERS]
+_USER_DATASETS = "[" + ", ".join(f"'{name}'" for name in USER_DATASETS) + "]"
+MODEL_RULES = [
+    {"rule": "(has(self.family) && self.family == 'custom') == has(self.entryPoint)",
+     "message": "entryPoint (package.module:function) is needed by family custom, and only by it"}]
+DATASET_RULES = [
+    {"rule": f"!has(self.name) || !(self.name in {_USER_DATASETS}) || (has(self.path) && self.path != '')",
+     "message": "imagefolder and npz datasets need a path (a directory, an archive or s3://bucket/prefix)"},
+    {"rule": f"!has(self.channels) || (has(self.name) && self.name in {_USER_DATASETS})",
+     "message": "only imagefolder and npz datasets take channels"}]
+TRAINING_RULES = [
+    {"rule": "!(has(self.nesterov) && self.nesterov && has(self.optimizer) && self.optimizer == 'sgd' && "
+             "has(self.momentum) && self.momentum == 0.0)",
+     "message": "nesterov needs momentum > 0"}]
 # The keys of a map, by the mark strata.spec puts on it (x-strata-keys). CEL's matches() is RE2, like
 # the API server's patterns; the spec's patterns need no escaping inside a CEL string literal.
 KEY_RULES = {
@@ -107,7 +137,7 @@ CONTEXT_DOCS = {
     ("databaseSecret", "name"): "Name of the Secret (a DNS subdomain name), in the study's namespace.",
     ("sampler", "name"): "Sampler: tpe, random, grid, cmaes, gp or qmc.",
     ("pruner", "name"): "Pruner: none, median, successiveHalving or hyperband.",
-    ("dataset", "name"): "Dataset: fashion-mnist, mnist or cifar10.",
+    ("dataset", "name"): "Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder or npz.",
     ("pruner", "startupTrials"): "Trials that finish before the pruner starts pruning.",
     ("sampler", "startupTrials"): "Random trials before the sampler starts modelling (tpe, gp).",
 }
@@ -140,9 +170,11 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
         node.pop("type", None)  # int-or-string has no type of its own
     if "x-strata-keys" in node:
         node.setdefault("x-kubernetes-validations", []).append(copy.deepcopy(KEY_RULES[node.pop("x-strata-keys")]))
-    if "exclusiveMinimum" in node:
+    # JSON Schema's numeric exclusive bounds become OpenAPI 3.0's minimum + boolean (once: an Optional
+    # field's merged anyOf node may come through here twice).
+    if not isinstance(node.get("exclusiveMinimum", True), bool):
         node["minimum"], node["exclusiveMinimum"] = node["exclusiveMinimum"], True
-    if "exclusiveMaximum" in node:
+    if not isinstance(node.get("exclusiveMaximum", True), bool):
         node["maximum"], node["exclusiveMaximum"] = node["exclusiveMaximum"], True
     if node.get("additionalProperties") is False:
         node.pop("additionalProperties")
@@ -192,9 +224,10 @@ def spec_schema() -> dict[str, Any]:
     schema = StudySpec.model_json_schema(by_alias=True, mode="validation")
     defs = schema.pop("$defs", {})
     result = _structural(schema, defs)
-    result["description"] = "Desired state of a hyperparameter study over the paper's CNN family."
+    result["description"] = ("Desired state of a hyperparameter study over a model family (the paper's CNN, VGG, "
+                             "ResNet, MobileNetV2 or the user's own).")
     search_space = result["properties"]["searchSpace"]
-    search_space["maxProperties"] = len(KNOWN_PARAMETERS)  # bounds the CEL cost of iterating it
+    search_space["maxProperties"] = MAX_PARAMETERS
     search_space["x-kubernetes-validations"] = SEARCH_SPACE_RULES
     trials = result["properties"]["trials"]
     trials["x-kubernetes-validations"] = [
@@ -204,7 +237,11 @@ def spec_schema() -> dict[str, Any]:
     for tolerations in (trainer["tolerations"], trainer["gpu"]["properties"]["tolerations"]):
         tolerations["items"]["x-kubernetes-validations"] = copy.deepcopy(TOLERATION_ITEM_RULES)
         tolerations["items"]["properties"]["key"]["x-kubernetes-validations"] = copy.deepcopy(TOLERATION_RULES)
-    result["x-kubernetes-validations"] = [
+    result["properties"]["model"]["x-kubernetes-validations"] = copy.deepcopy(MODEL_RULES)
+    training = result["properties"]["training"]
+    training["x-kubernetes-validations"] = copy.deepcopy(TRAINING_RULES)
+    training["properties"]["dataset"]["x-kubernetes-validations"] = copy.deepcopy(DATASET_RULES)
+    result["x-kubernetes-validations"] = copy.deepcopy(FAMILY_RULES) + [
         {"rule": "!has(self.sampler) || !has(self.sampler.name) || self.sampler.name != 'grid' || "
                  "self.searchSpace.all(k, self.searchSpace[k].type != 'float' || has(self.searchSpace[k].step))",
          "message": "sampler grid needs finite parameters: float ranges need a step"}]
@@ -233,6 +270,9 @@ STATUS_SCHEMA: dict[str, Any] = {
         "best": {"type": "object", "nullable": True, "description": "The best trial so far.", "properties": {
             "number": {"type": "integer", "description": "Optuna trial number."},
             "value": {"type": "number", "description": "Its objective value."},
+            "testAccuracy": {"type": "number", "description": "Accuracy of its best-epoch weights on the held-out "
+                                                              "test split (trials are chosen on validation only)."},
+            "model": {"type": "string", "description": "Its network, e.g. resnet-20."},
             "params": {"type": "object", "description": "Its hyperparameters, as strings.",
                        "additionalProperties": {"type": "string"}}}},
         "reuse": {"type": "object", "description": "What layer reuse did for this study.", "properties": {

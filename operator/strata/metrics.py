@@ -30,6 +30,7 @@ class StudySnapshot:
     running: int = 0
     waiting: int = 0
     best_value: float | None = None
+    best_test_accuracy: float | None = None
     reused_trials: int = 0
     reused_layers: int = 0
     seconds_saved: float = 0.0
@@ -105,6 +106,8 @@ class _SnapshotCollector:
         retries = CounterMetricFamily("strata_trial_retries", "Attempts that re-ran a failed trial.", labels=labels)
         current = GaugeMetricFamily("strata_trials_current", "Trials now running or waiting.", labels=labels + ["state"])
         best = GaugeMetricFamily("strata_best_objective_value", "Best objective value of the study.", labels=labels)
+        best_test = GaugeMetricFamily("strata_best_test_accuracy", "Test-split accuracy of the study's best trial "
+                                      "(chosen on validation).", labels=labels)
         max_trials = GaugeMetricFamily("strata_trials_max", "Trials the study runs (spec.trials.max).", labels=labels)
         reused_trials = CounterMetricFamily("strata_reused_trials", "Finished trials that reused layers.", labels=labels)
         reused_layers = CounterMetricFamily("strata_reused_layers", "Conv layers reused by finished trials.", labels=labels)
@@ -132,6 +135,8 @@ class _SnapshotCollector:
             current.add_metric(key + ["waiting"], s.waiting)
             if s.best_value is not None:
                 best.add_metric(key, s.best_value)
+            if s.best_test_accuracy is not None:
+                best_test.add_metric(key, s.best_test_accuracy)
             if s.max_trials is not None:
                 max_trials.add_metric(key, s.max_trials)
             reused_trials.add_metric(key, s.reused_trials)
@@ -147,7 +152,7 @@ class _SnapshotCollector:
                 down_calls.add_metric(key + [dependency], s.dependency_failures.get(dependency, 0))
         for p, n in counts.items():
             by_phase.add_metric([p], n)
-        yield from (by_phase, phase, trials, retries, current, best, max_trials, reused_trials, reused_layers, saved, load_failures,
+        yield from (by_phase, phase, trials, retries, current, best, best_test, max_trials, reused_trials, reused_layers, saved, load_failures,
                     objects, size, duration, up, down_calls)
 
 

@@ -18,7 +18,7 @@ import time
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass
 
-from strata.architecture import PrefixSignature
+from strata.families import PrefixSignature
 from strata.objectstore import ObjectInfo, ObjectNotFound, ObjectStore, ObjectStoreError
 
 log = logging.getLogger(__name__)

@@ -4,12 +4,15 @@ Everything it decides is derived from the Optuna study, the layer registry and t
 whose worker is alive, so a restarted runner or operator rebuilds its state by asking again.
 
 Reuse-aware policy (the paper's future work, made concrete):
-- A trial with n conv layers wants a donor for its (n-1)-layer prefix. If the registry has one, it
-  runs now. If a running trial (or a pending shallower one) will publish that prefix, it waits.
+- A trial wants a donor for the prefix it shares with its family's next smaller network (the
+  paper's CNN: n conv layers want the (n-1)-layer prefix; ResNet-32 wants the stem and first three
+  blocks ResNet-20 has; strata.families). If the registry has one, it runs now. If a running trial
+  (or a pending shallower one) will publish that prefix, it waits.
 - If nobody will, and the budget allows, the scheduler enqueues the donor configuration (the same
-  parameters with n-1 conv layers) and defers the trial until the donor has published: the donor
-  is trained in full (the paper: donors must be trained well) and is a useful trial in itself. A
-  donor that has no donor either gets one the same way: a 3-layer proposal starts a 1-2-3 chain.
+  parameters with the next smaller depth) and defers the trial until the donor has published: the
+  donor is trained in full (the paper: donors must be trained well) and is a useful trial in itself.
+  A donor that has no donor either gets one the same way: a 3-layer proposal starts a 1-2-3 chain.
+  A custom family has no torch-free structure, so its trials are not ordered this way.
 - Grid search runs smaller depths first, so every deeper configuration finds its donor.
 - Retries: a trial whose worker died (crash, OOM, eviction, lost pod) is failed in Optuna and
   re-run as a new trial with the same parameters, up to `retries` times; a failure the trainer
@@ -26,14 +29,14 @@ from typing import Any, Iterable
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from strata.architecture import architecture_from_params
+from strata.families import Architecture, ConfigurationError, PrefixSignature, family_for
 from strata.registry import LayerRegistry
 from strata.sampling import params_key as _params_key
 from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
     ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
-    ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, distributions,
+    ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY, distributions,
 )
 
 log = logging.getLogger(__name__)
@@ -48,6 +51,8 @@ class Best:
     number: int
     value: float
     params: dict[str, Any]
+    test_accuracy: float | None = None  # its best-epoch weights on the test split (chosen by validation only)
+    model: str | None = None  # e.g. resnet-20
 
 
 @dataclass
@@ -94,10 +99,6 @@ def root_of(trial: FrozenTrial) -> int:
     return int(trial.user_attrs.get(ATTR_RETRY_OF, trial.number))
 
 
-def depth_of(params: dict[str, Any]) -> int:
-    return int(params.get("convLayers", 1))
-
-
 class TrialScheduler:
     def __init__(self, study: optuna.Study, spec: StudySpec, registry: LayerRegistry | None):
         self.study = study
@@ -106,10 +107,12 @@ class TrialScheduler:
         self._distributions = distributions(spec)
         self._known_donors: set[str] = set()  # signature keys seen in the registry (entries never vanish)
         self.registry_error: str | None = None  # the last registry failure while planning (None: reachable)
+        self._architectures: dict[str, Architecture | None] = {}  # by configuration
 
     def update_spec(self, spec: StudySpec) -> None:
         self.spec = spec
         self._distributions = distributions(spec)
+        self._architectures.clear()
 
     # --- reading the study -------------------------------------------------------------------
 
@@ -159,7 +162,9 @@ class TrialScheduler:
         if completed:
             pick = min if self.spec.objective.resolved_direction == "minimize" else max
             best = pick(completed, key=lambda t: t.value)
-            p.best = Best(best.number, float(best.value), dict(best.params))
+            test = best.user_attrs.get(ATTR_TEST_ACCURACY)
+            p.best = Best(best.number, float(best.value), dict(best.params),
+                          float(test) if test is not None else None, best.user_attrs.get(ATTR_MODEL))
         return p
 
     @staticmethod
@@ -290,7 +295,7 @@ class TrialScheduler:
         taken = {_params_key(t.params) for t in trials if ATTR_RETRY_OF not in t.user_attrs}
         grid = self.spec.grid()
         random.Random(self.spec.sampler.seed or 0).shuffle(grid)
-        grid.sort(key=depth_of)
+        grid.sort(key=self._depth)
         for point in grid:
             if _params_key(point) not in taken:
                 return point
@@ -344,49 +349,77 @@ class TrialScheduler:
             self._known_donors.add(signature.key)
         return found
 
+    def _architecture(self, params: dict[str, Any]) -> Architecture | None:
+        """The trial's architecture (memoised per configuration), None when it cannot be built."""
+        key = _params_key(params)
+        if key not in self._architectures:
+            try:
+                self._architectures[key] = family_for(self.spec).architecture(self.spec, params)
+            except ConfigurationError:
+                self._architectures[key] = None  # its trial fails with the reason; nothing to wait for
+        return self._architectures[key]
+
+    def _depth(self, params: dict[str, Any]) -> int:
+        arch = self._architecture(params)
+        return arch.depth if arch is not None else 0
+
+    def _wanted_prefix(self, params: dict[str, Any]) -> tuple[int, PrefixSignature] | None:
+        """The prefix a trial would take from its family's next smaller network: (units, signature)."""
+        arch = self._architecture(params)
+        smaller = family_for(self.spec).smaller(self.spec, params) if arch is not None else None
+        donor = self._architecture(smaller) if smaller is not None else None
+        if donor is None:
+            return None
+        k = arch.common_prefix(donor)
+        return (k, arch.prefix_signature(k)) if 1 <= k < arch.depth else None
+
     def _wait_reason(self, t: FrozenTrial, trials: list[FrozenTrial], active: set[int]) -> str | None:
         """Why t should not start yet: the same configuration is under way (it gets that result), or
-        a trial that will publish its (n-1)-layer prefix is."""
+        a trial that will publish the prefix t takes from its next smaller network is."""
         if ATTR_RETRY_OF not in t.user_attrs:
             key = _params_key(t.params)
             for u in trials:
                 if u.number < t.number and u.state == TrialState.RUNNING and _params_key(u.params) == key:
                     return f"repeats trial {u.number}, which is under way"
-        n = depth_of(t.params)
-        if n <= 1 or not self._reuse_aware():
+        if not self._reuse_aware():
             return None
-        signature = architecture_from_params(self.spec, t.params).prefix_signature(n - 1)
+        wanted = self._wanted_prefix(t.params)
+        if wanted is None:
+            return None
+        k, signature = wanted
         if self._has_donor(signature):
             return None
+        n = self._depth(t.params)
         for u in trials:
             if u.number == t.number or u.state != TrialState.RUNNING:
                 continue
-            m = depth_of(u.params)
-            # running producers of any depth >= n-1, or pending shallower ones (no cycles)
-            if (u.number in active and m >= n - 1) or (u.number not in active and m == n - 1):
-                if architecture_from_params(self.spec, u.params).prefix_signature(n - 1) == signature:
-                    return f"waits for trial {u.number} to publish its {n - 1}-layer prefix"
+            m = self._depth(u.params)
+            # running producers of any depth >= k, or pending shallower ones (no cycles)
+            if (u.number in active and m >= k) or (u.number not in active and k <= m < n):
+                if self._architecture(u.params).prefix_signature(k) == signature:
+                    return f"waits for trial {u.number} to publish its {k}-unit prefix"
         return None
 
     def _needs_donor(self, t: FrozenTrial, trials: list[FrozenTrial], active: set[int]) -> bool:
-        n = depth_of(t.params)
-        if n <= 1 or not self._reuse_aware() or self.spec.sampler.name == "grid":
+        if not self._reuse_aware() or self.spec.sampler.name == "grid":
+            return False
+        wanted = self._wanted_prefix(t.params)
+        if wanted is None:
             return False
         if self._wait_reason(t, trials, active):
             return False  # a producer is already under way
-        return not self._has_donor(architecture_from_params(self.spec, t.params).prefix_signature(n - 1))
+        return not self._has_donor(wanted[1])
 
     def _enqueue_donor(self, t: FrozenTrial) -> int | None:
-        """Ask the donor configuration (n-1 conv layers, all else equal) if the space contains it."""
-        depth_param = self.spec.search_space.get("convLayers")
-        n = depth_of(t.params)
-        if not isinstance(depth_param, IntParam) or (n - 1) not in depth_param.values():
+        """Ask the donor configuration (the family's next smaller network, all else equal) if the space has it."""
+        family = family_for(self.spec)
+        params = family.smaller(self.spec, t.params)
+        if params is None or params.get(family.depth_parameter) not in family.depth_values(self.spec):
             return None
-        params = {**t.params, "convLayers": n - 1}
         self.study.enqueue_trial(params, user_attrs={ATTR_DONOR_FOR: t.number})
         donor = self.study.ask(self._distributions)
-        log.info("trial %d (%d layers) deferred: donor trial %d trains its %d-layer prefix first",
-                 t.number, n, donor.number, n - 1)
+        log.info("trial %d (%d units) deferred: donor trial %d (%d units) trains its prefix first",
+                 t.number, self._depth(t.params), donor.number, self._depth(params))
         return donor.number
 
     # --- recording worker outcomes -------------------------------------------------------------

@@ -20,28 +20,64 @@ from pathlib import Path
 from typing import Annotated, Any, Literal, Optional, Union, get_origin
 
 import yaml
-from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, field_validator,
-                      model_validator)
+from pydantic import (AfterValidator, BaseModel, BeforeValidator, ConfigDict, Field, ValidationError, ValidationInfo,
+                      field_validator, model_validator)
 from pydantic.alias_generators import to_camel
 
 API_GROUP = "hpo.strata.dev"
 API_VERSION = "v1alpha1"
 KIND = "HPOStudy"
 
-# Parameters of the paper's CNN family that the trainer understands (see strata.architecture).
-KNOWN_PARAMETERS = {
-    "convLayers": "number of conv blocks (3x3 conv, ReLU, 2x2 max-pool)",
-    "filters": "filters of every conv layer (one count shared by all layers, as in the paper)",
-    "kernelSize": "conv kernel size (odd; same padding)",
-    "fcLayout": "FC hidden layers as a dash-separated string of units, e.g. '500-250'; 'none' for no hidden layer",
-    "fcLayers": "number of FC hidden layers (used with fcUnits when fcLayout is absent)",
-    "fcUnits": "units of every FC hidden layer (used with fcLayers)",
+# Hyperparameters every family reads: how a trial trains (they override spec.training's values).
+TRAINING_PARAMETERS = {
     "learningRate": "optimizer learning rate",
     "batchSize": "minibatch size",
-    "optimizer": "adam, sgd or rmsprop",
+    "optimizer": "adam, adamw, sgd or rmsprop",
+    "momentum": "momentum of sgd and rmsprop (default 0.9 for sgd, 0 for rmsprop)",
+    "nesterov": "Nesterov momentum for sgd (true or false)",
+    "weightDecay": "L2 weight decay (decoupled for adamw)",
+    "lrSchedule": "learning-rate schedule: none, step (decay at spec.training.schedule.milestones) or cosine",
+    "initialization": "weight initialisation: default (PyTorch's) or he (Kaiming normal, fan-out)",
+    "randomCropPadding": "augmentation: random crop after zero-padding by this many pixels (0 = off)",
+    "horizontalFlip": "augmentation: random horizontal flip (true or false)",
 }
-OPTIMIZERS = ("adam", "sgd", "rmsprop")
-DATASETS = ("fashion-mnist", "mnist", "cifar10")
+# Parameters of each model family's structure (see strata.families).
+FAMILY_PARAMETERS: dict[str, dict[str, str]] = {
+    "paper-cnn": {
+        "convLayers": "number of conv blocks (3x3 conv, ReLU, 2x2 max-pool)",
+        "filters": "filters of every conv layer (one count shared by all layers, as in the paper)",
+        "kernelSize": "conv kernel size (odd; same padding)",
+        "fcLayout": "FC hidden layers as a dash-separated string of units, e.g. '500-250'; 'none' for no hidden layer",
+        "fcLayers": "number of FC hidden layers (used with fcUnits when fcLayout is absent)",
+        "fcUnits": "units of every FC hidden layer (used with fcLayers)",
+    },
+    "vgg": {
+        "groups": "conv groups (1-5), each ending in a 2x2 max-pool (default 5)",
+        "layersPerGroup": "conv-BN-ReLU layers per group: one count for every group, or one per group as a "
+                          "dash-separated string ('1-1-2-2-2' is VGG-11, '2-2-3-3-3' VGG-16, the default)",
+        "width": "channels of the first group, doubled by each further group up to 8x (default 64)",
+    },
+    "resnet": {
+        "depth": "6n+2 (8, 14, 20, 32, 44, 56, ...): three stages of n basic blocks (default 20)",
+        "widthMultiplier": "scales the stage widths 16, 32, 64 (default 1.0)",
+    },
+    "mobilenetv2": {
+        "widthMultiplier": "scales every layer's channels, rounded to multiples of 8 (default 1.0)",
+        "stages": "how many of MobileNetV2's 7 inverted-residual stages (1-7, default 7)",
+    },
+    "custom": {},  # the user's function reads whatever its search space names
+}
+MODEL_FAMILIES = tuple(FAMILY_PARAMETERS)
+# Every name a built-in family reads (the CRD's list; strata.families checks the family's own).
+KNOWN_PARAMETERS = {**{name: doc for params in FAMILY_PARAMETERS.values() for name, doc in params.items()},
+                    **TRAINING_PARAMETERS}
+OPTIMIZERS = ("adam", "adamw", "sgd", "rmsprop")
+LR_SCHEDULES = ("none", "step", "cosine")
+INITIALIZATIONS = ("default", "he")
+DATASETS = ("fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "npz")
+USER_DATASETS = ("imagefolder", "npz")  # the user's own images: channels and size come from the spec
+PARAMETER_NAME_PATTERN = "^[A-Za-z][A-Za-z0-9_]{0,62}$"  # a custom family's parameter names
+ENTRY_POINT_PATTERN = r"^[A-Za-z_][A-Za-z0-9_]*([.][A-Za-z_][A-Za-z0-9_]*)*:[A-Za-z_][A-Za-z0-9_]*$"
 _NAME_RE = re.compile(r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$")
 
 # The direction each metric is optimised in and the values it can take (lowest, highest).
@@ -303,10 +339,41 @@ class Trials(_Model):
 
 
 class Dataset(_Model):
-    name: Literal["fashion-mnist", "mnist", "cifar10"] = "fashion-mnist"
-    # A directory, or s3://bucket/prefix in the checkpoint store's S3 endpoint. Empty: the default
-    # location for the dataset (Debian's dataset-fashion-mnist for fashion-mnist).
+    name: Literal["fashion-mnist", "mnist", "cifar10", "cifar100", "imagefolder", "npz"] = "fashion-mnist"
+    # A directory, or s3://bucket/prefix in the checkpoint store's S3 endpoint; imagefolder also takes
+    # a .tar, .tar.gz, .tgz or .zip archive, npz a .npz file. Empty: the default location for the
+    # dataset (Debian's dataset-fashion-mnist for fashion-mnist).
     path: str | None = None
+    channels: Literal[1, 3] | None = None  # imagefolder and npz: 3 (RGB, the default) or 1 (grayscale)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Dataset":
+        if self.name in USER_DATASETS and not self.path:
+            raise ValueError(f"dataset {self.name} needs a path (a directory, an archive or s3://bucket/prefix)")
+        if self.channels is not None and self.name not in USER_DATASETS:
+            raise ValueError(f"channels is set by the {self.name} dataset itself; only imagefolder and npz take it")
+        return self
+
+
+class Schedule(_Model):
+    """How the learning rate changes over a trial's epochs."""
+
+    kind: Literal["none", "step", "cosine"] = "none"
+    milestones: list[Annotated[int, Field(ge=1)]] = Field(default_factory=list, max_length=16)
+    gamma: float = Field(0.1, gt=0, le=1)
+
+    @model_validator(mode="after")
+    def _check(self) -> "Schedule":
+        if self.milestones != sorted(set(self.milestones)):
+            raise ValueError("milestones must be increasing epochs")
+        return self
+
+
+class Augmentation(_Model):
+    """Training-time augmentation; it turns the frozen-feature cache off (every epoch sees new inputs)."""
+
+    random_crop_padding: int = Field(0, ge=0, le=32)
+    horizontal_flip: bool = False
 
 
 class Training(_Model):
@@ -314,11 +381,55 @@ class Training(_Model):
     input_size: int | None = Field(None, ge=8, le=512)  # pad (or resize) images to this square size
     subset_size: int | None = Field(None, ge=20)  # stratified subset of the training images
     validation_split: float = Field(0.2, gt=0, lt=1)
+    # Held out as the test split when the dataset has none (imagefolder without test/, npz without x_test).
+    test_split: float | None = Field(None, gt=0, lt=1)
+    evaluate_test: bool = True  # the best-epoch weights of every complete trial are scored on the test split
     epochs: int = Field(5, ge=1)
     epochs_when_reusing: int | None = Field(None, ge=1)  # the paper: reuse needs fewer epochs
     early_stop_patience: int = Field(1, ge=0)  # epochs of rising val loss before stopping; 0 = off
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    # Defaults of the training hyperparameters (a search-space parameter of the same name wins).
+    optimizer: Literal["adam", "adamw", "sgd", "rmsprop"] = "adam"
+    learning_rate: float = Field(1e-3, gt=0)
+    batch_size: int = Field(32, ge=1)
+    momentum: float | None = Field(None, ge=0, lt=1)  # default 0.9 for sgd, 0 for rmsprop
+    nesterov: bool = False
+    weight_decay: float = Field(0.0, ge=0)
+    schedule: Schedule = Schedule()
+    initialization: Literal["default", "he"] = "default"
+    augmentation: Augmentation = Augmentation()
+
+    @model_validator(mode="after")
+    def _check(self) -> "Training":
+        if self.nesterov and self.optimizer == "sgd" and self.momentum == 0:
+            raise ValueError("nesterov needs momentum > 0")
+        return self
+
+
+class Model(_Model):
+    """Which network family the study tunes (its structural parameters are in the search space)."""
+
+    family: Literal["paper-cnn", "vgg", "resnet", "mobilenetv2", "custom"] = "paper-cnn"
+    # custom: package.module:function returning a strata_trainer.models.StagedModel
+    entry_point: str | None = Field(None, max_length=253, json_schema_extra={"pattern": ENTRY_POINT_PATTERN})
+    # What a reused prefix is made of: the first k blocks (the stem counts as one), or the first k stages.
+    reuse_unit: Literal["blocks", "stages"] = "blocks"
+
+    @field_validator("entry_point")
+    @classmethod
+    def _check_entry_point(cls, value: str | None) -> str | None:
+        if value is not None and not re.fullmatch(ENTRY_POINT_PATTERN, value):
+            raise ValueError(f"{_shown(value)} is not an entry point like 'my_models.nets:build'")
+        return value
+
+    @model_validator(mode="after")
+    def _check(self) -> "Model":
+        if self.family == "custom" and not self.entry_point:
+            raise ValueError("family custom needs entryPoint (package.module:function)")
+        if self.family != "custom" and self.entry_point:
+            raise ValueError(f"entryPoint is only for family custom, not {self.family}")
+        return self
 
 
 class Reuse(_Model):
@@ -527,7 +638,8 @@ class Execution(_Model):
 
 class StudySpec(_Model):
     objective: Objective = Objective()
-    search_space: dict[str, Parameter] = Field(min_length=1)
+    model: Model = Model()
+    search_space: dict[str, Parameter] = Field(min_length=1, max_length=64)
     sampler: Sampler = Sampler()
     pruner: Pruner = Pruner()
     trials: Trials
@@ -540,11 +652,18 @@ class StudySpec(_Model):
 
     @field_validator("search_space")
     @classmethod
-    def _check_space(cls, space: dict[str, Any]) -> dict[str, Any]:
+    def _check_space(cls, space: dict[str, Any], info: ValidationInfo) -> dict[str, Any]:
+        model = info.data.get("model") or Model()
+        known = {**FAMILY_PARAMETERS[model.family], **TRAINING_PARAMETERS}
         for name, param in space.items():
-            if name not in KNOWN_PARAMETERS:
-                known = ", ".join(KNOWN_PARAMETERS)
-                raise ValueError(f"unknown parameter '{name}' (known: {known})")
+            if model.family == "custom" and name not in known:
+                if not re.fullmatch(PARAMETER_NAME_PATTERN, name):
+                    raise ValueError(f"parameter name {_shown(name)} must be a letter then letters, digits or _ "
+                                     "(at most 63)")
+                continue  # the user's function reads it
+            if name not in known:
+                raise ValueError(f"unknown parameter '{name}' for model family {model.family} "
+                                 f"(known: {', '.join(known)})")
             _check_parameter_values(name, param)
         if "fcLayout" in space and ("fcLayers" in space or "fcUnits" in space):
             raise ValueError("use either fcLayout or fcLayers/fcUnits, not both")
@@ -571,6 +690,11 @@ class StudySpec(_Model):
         return size
 
 
+_POSITIVE_INTS = ("convLayers", "filters", "kernelSize", "batchSize", "fcUnits", "groups", "width", "depth", "stages")
+_BOOLEANS = ("nesterov", "horizontalFlip")
+_CHOICES = {"optimizer": OPTIMIZERS, "lrSchedule": LR_SCHEDULES, "initialization": INITIALIZATIONS}
+
+
 def _check_parameter_values(name: str, param: Any) -> None:
     if isinstance(param, FloatParam):
         values = [param.low, param.high]
@@ -579,19 +703,44 @@ def _check_parameter_values(name: str, param: Any) -> None:
     else:
         values = param.values()
     for value in values:
-        if name in ("convLayers", "filters", "kernelSize", "batchSize", "fcUnits"):
+        number = not isinstance(value, bool) and isinstance(value, (int, float))
+        if name in _POSITIVE_INTS:
             if isinstance(value, bool) or not isinstance(value, int) or value < 1:
                 raise ValueError(f"'{name}' values must be positive integers, got {value!r}")
         if name == "kernelSize" and value % 2 == 0:
             raise ValueError(f"'kernelSize' must be odd (same padding), got {value}")
-        if name == "fcLayers" and (isinstance(value, bool) or not isinstance(value, int) or value < 0):
-            raise ValueError(f"'fcLayers' values must be integers >= 0, got {value!r}")
-        if name == "learningRate" and (isinstance(value, bool) or not isinstance(value, (int, float)) or value <= 0):
-            raise ValueError(f"'learningRate' values must be positive numbers, got {value!r}")
-        if name == "optimizer" and value not in OPTIMIZERS:
-            raise ValueError(f"'optimizer' must be one of {', '.join(OPTIMIZERS)}, got {value!r}")
+        if name in ("fcLayers", "randomCropPadding") and (isinstance(value, bool) or not isinstance(value, int)
+                                                          or value < 0):
+            raise ValueError(f"'{name}' values must be integers >= 0, got {value!r}")
+        if name in ("learningRate", "widthMultiplier") and (not number or value <= 0):
+            raise ValueError(f"'{name}' values must be positive numbers, got {value!r}")
+        if name == "weightDecay" and (not number or value < 0):
+            raise ValueError(f"'weightDecay' values must be numbers >= 0, got {value!r}")
+        if name == "momentum" and (not number or not 0 <= value < 1):
+            raise ValueError(f"'momentum' values must be numbers in [0, 1), got {value!r}")
+        if name in _BOOLEANS and not isinstance(value, bool):
+            raise ValueError(f"'{name}' values must be true or false, got {value!r}")
+        if name in _CHOICES and value not in _CHOICES[name]:
+            raise ValueError(f"'{name}' must be one of {', '.join(_CHOICES[name])}, got {value!r}")
         if name == "fcLayout":
             parse_fc_layout(value)
+        if name == "layersPerGroup":
+            parse_group_layout(value)
+
+
+def parse_group_layout(value: Any) -> tuple[int, ...]:
+    """VGG layers per group: 2 -> (2,) (every group), '2-2-3-3-3' -> one count per group."""
+    if isinstance(value, bool) or (isinstance(value, int) and value < 1):
+        raise ValueError(f"'layersPerGroup' choice {value!r} is not a count or a layout like '2-2-3-3-3'")
+    if isinstance(value, int):
+        return (value,)
+    try:
+        counts = tuple(int(part) for part in str(value).strip().split("-"))
+    except ValueError:
+        raise ValueError(f"'layersPerGroup' choice {value!r} is not a count or a layout like '2-2-3-3-3'") from None
+    if any(c < 1 for c in counts) or len(counts) > 5:
+        raise ValueError(f"'layersPerGroup' choice {value!r} needs 1-5 positive counts")
+    return counts
 
 
 def parse_fc_layout(value: Any) -> tuple[int, ...]:
@@ -703,7 +852,7 @@ def parse_spec(spec: Any) -> StudySpec:
 
 def _check_whole_spec(spec: StudySpec) -> None:
     """What only the parsed spec shows: the deepest network must fit the input (SpecError otherwise)."""
-    from strata.architecture import check_space_fits_input  # torch-free; it imports this module
+    from strata.families import check_space_fits_input  # torch-free; it imports this module
 
     check_space_fits_input(spec)
 
@@ -737,8 +886,11 @@ FIELD_DOCS: dict[str, str] = {
                  "which is also the default.",
     "goal": "Stop the study once a trial reaches this metric value: at least 0 for val_loss, within [0, 1] for "
             "val_accuracy.",
-    "searchSpace": "Hyperparameters by name (convLayers, filters, kernelSize, fcLayout, fcLayers, fcUnits, "
-                   "learningRate, batchSize, optimizer), each an int, float or categorical parameter.",
+    "searchSpace": "Hyperparameters by name, each an int, float or categorical parameter: the model family's "
+                   "(paper-cnn: convLayers, filters, kernelSize, fcLayout, fcLayers, fcUnits; vgg: groups, "
+                   "layersPerGroup, width; resnet: depth, widthMultiplier; mobilenetv2: widthMultiplier, stages; "
+                   "custom: any name its function reads) and the training ones (learningRate, batchSize, optimizer, "
+                   "momentum, nesterov, weightDecay, lrSchedule, initialization, randomCropPadding, horizontalFlip).",
     "type": "Parameter type: int, float or categorical.",
     "low": "Lowest value (int and float parameters).",
     "high": "Highest value, inclusive (int and float parameters).",
@@ -762,9 +914,42 @@ FIELD_DOCS: dict[str, str] = {
                       "the pod's activeDeadlineSeconds is this plus 60, an int32).",
     "studyTimeoutSeconds": "Wall-clock limit of the whole study.",
     "training": "How each trial trains its network.",
-    "dataset": "Training data: fashion-mnist, mnist or cifar10 (torchvision's format), from a path or s3://.",
-    "path": "Directory or s3://bucket/prefix holding the dataset files.",
-    "inputSize": "Pad (or downscale) images to this square size, e.g. 32 for Fashion-MNIST at CIFAR size.",
+    "dataset": "Training data: fashion-mnist, mnist, cifar10 or cifar100 (torchvision's format), imagefolder (one "
+               "folder per class of PNG or JPEG images, optionally under train/ and test/) or npz (arrays x_train, "
+               "y_train and optionally x_test, y_test), from a path or s3://.",
+    "path": "Directory, archive (.tar, .tar.gz, .tgz, .zip: imagefolder), .npz file (npz) or s3://bucket/prefix "
+            "holding the dataset.",
+    "channels": "imagefolder and npz: 3 (RGB, the default) or 1 (grayscale); images are converted to it.",
+    "testSplit": "Fraction of the training images held out as the test split when the dataset has none "
+                 "(imagefolder without test/, npz without x_test).",
+    "evaluateTest": "Score every complete trial's best-epoch weights on the test split once (never used to choose "
+                    "trials); the study reports its best trial's test accuracy.",
+    "optimizer": "Optimizer: adam, adamw, sgd or rmsprop (a searchSpace.optimizer parameter overrides it).",
+    "learningRate": "Learning rate (a searchSpace.learningRate parameter overrides it).",
+    "batchSize": "Minibatch size (a searchSpace.batchSize parameter overrides it).",
+    "momentum": "Momentum of sgd and rmsprop in [0, 1); default 0.9 for sgd, 0 for rmsprop.",
+    "nesterov": "Nesterov momentum (sgd).",
+    "weightDecay": "Weight decay (L2 penalty; decoupled for adamw).",
+    "schedule": "Learning-rate schedule over a trial's epochs (searchSpace.lrSchedule overrides its kind).",
+    "kind": "none, step (multiply by gamma at each milestone epoch) or cosine (annealed to 0 over the epochs).",
+    "milestones": "step: epochs after which the learning rate is multiplied by gamma (increasing).",
+    "gamma": "step: the factor, in (0, 1].",
+    "initialization": "default (PyTorch's) or he (Kaiming normal for conv and linear weights).",
+    "augmentation": "Random crop with padding and horizontal flip at training time. The frozen prefix's outputs "
+                    "are then not cached (each epoch sees new inputs); a frozen prefix still saves its backward "
+                    "pass and optimizer state.",
+    "randomCropPadding": "Pad by this many pixels and crop back at a random offset (0 = off).",
+    "horizontalFlip": "Flip half the images left-right.",
+    "model": "The network family the study tunes: paper-cnn (the paper's CNN), vgg, resnet, mobilenetv2 or custom "
+             "(the user's function).",
+    "family": "paper-cnn, vgg (conv-BN-ReLU groups), resnet (CIFAR ResNet-6n+2), mobilenetv2 (inverted residuals "
+              "for small inputs) or custom.",
+    "entryPoint": "custom: package.module:function(params, input_shape, num_classes) returning a "
+                  "strata_trainer.models.StagedModel; the package must be installed in the trainer image.",
+    "reuseUnit": "What a reused prefix is made of: blocks (the default: the stem and the first blocks, so a deeper "
+                 "network takes a shallower one's first blocks) or stages (whole stages only).",
+    "inputSize": "Pad (or downscale) images to this square size, e.g. 32 for Fashion-MNIST at CIFAR size; "
+                 "imagefolder and npz images are resized to it (default 32).",
     "subsetSize": "Train on a deterministic stratified subset of this many images.",
     "validationSplit": "Fraction of the (subset of the) training images held out for validation.",
     "epochs": "Epochs per trial trained from scratch.",

@@ -34,6 +34,11 @@ ATTR_FEATURE_CACHE = "feature_cache"
 ATTR_SHARED_FEATURES = "shared_features"  # hit: the frozen outputs came from an earlier trial on this machine
 ATTR_SECONDS_SAVED = "seconds_saved_estimate"
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_TEST_ACCURACY = "test_accuracy"  # the best epoch's weights on the test split (never used to choose trials)
+ATTR_TEST_LOSS = "test_loss"
+ATTR_TEST_SECONDS = "test_seconds"
+ATTR_NUM_CLASSES = "strata.num_classes"  # study attr: the class count the first trial saw
+ATTR_MODEL = "model"  # the trial's network, e.g. resnet-20 or 2x18f k3 fc[250]
 ATTR_TRAINING_STARTED = "strata.training_started"  # epoch seconds when train() began (hand-off timing)
 ATTR_REGISTRY_LOAD_FAILURES = "registry_load_failures"  # donors refused or unreadable, or the registry unreachable
 ATTR_REGISTRY_PUBLISH_FAILURES = "registry_publish_failures"  # prefixes the registry did not take
@@ -122,7 +127,8 @@ def data_check_key(spec: StudySpec) -> str:
     """What the data check depends on: the dataset and how trials cut it (not the search space)."""
     t = spec.training
     settings = {"dataset": t.dataset.model_dump(mode="json"), "subsetSize": t.subset_size, "inputSize": t.input_size,
-                "validationSplit": t.validation_split, "seed": t.seed, "s3Endpoint": spec.storage.s3_endpoint}
+                "validationSplit": t.validation_split, "testSplit": t.test_split, "seed": t.seed,
+                "s3Endpoint": spec.storage.s3_endpoint}
     return hashlib.sha256(json.dumps(settings, sort_keys=True).encode()).hexdigest()[:16]
 
 

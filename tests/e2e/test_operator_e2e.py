@@ -22,7 +22,7 @@ def reused_weights_match_their_donors(storage_url: str, study_name: str, locatio
     tensor for tensor, read back from the S3 layer registry. Returns how many trials were checked."""
     import torch
 
-    from strata.architecture import architecture_from_params
+    from strata.families import architecture_from_params
     from strata.objectstore import open_object_store
     from strata.registry import LayerRegistry
     from strata.study import load_study

@@ -22,7 +22,8 @@ from torch import nn
 
 from strata_trainer.data import DatasetSplits, Split
 from strata_trainer.features import SharedFeatureStore, tensor_digest
-from strata_trainer.model import CNN
+from strata.families.base import TrainingOptions
+from strata_trainer.models import StagedModel
 
 log = logging.getLogger(__name__)
 EVAL_BATCH = 1024
@@ -47,6 +48,9 @@ class TrainResult:
     stopped_early: bool
     best_prefix_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     shared_features: str = ""  # "" (no shared store) | hit (read another trial's) | stored | private (store failed)
+    test_loss: float | None = None  # the best epoch's weights on the test split (when there is one)
+    test_accuracy: float | None = None
+    test_seconds: float = 0.0
 
     @property
     def best(self) -> EpochResult:
@@ -60,7 +64,7 @@ class FeatureCache:
     one reads its outputs instead of computing them (`shared` is then "hit", else "stored").
     """
 
-    def __init__(self, model: CNN, k: int, split: Split, mode: str, device: torch.device, spill_dir: str | None,
+    def __init__(self, model: StagedModel, k: int, split: Split, mode: str, device: torch.device, spill_dir: str | None,
                  shared: SharedFeatureStore | None = None, prefix_digest: str = ""):
         self.mode = mode
         self.shared = ""
@@ -116,7 +120,7 @@ class FeatureCache:
         return len(self._array) if self.mode == "disk" else len(self._tensor)
 
 
-def choose_cache_mode(model: CNN, k: int, n_images: int, memory_limit: int | None) -> str:
+def choose_cache_mode(model: StagedModel, k: int, n_images: int, memory_limit: int | None) -> str:
     """float32 when it fits in the budget, float16 when half of it fits, else spill to disk."""
     per_image = math.prod(model.arch.feature_shape(k))
     needed = n_images * per_image * 4
@@ -135,15 +139,49 @@ def _available_memory() -> int:
         return 2 << 30
 
 
-def _make_optimizer(name: str, params: list[nn.Parameter], lr: float) -> torch.optim.Optimizer:
-    if name == "sgd":
-        return torch.optim.SGD(params, lr=lr, momentum=0.9)
-    if name == "rmsprop":
-        return torch.optim.RMSprop(params, lr=lr)
-    return torch.optim.Adam(params, lr=lr)
+def make_optimizer(options: TrainingOptions, params: list[nn.Parameter]) -> torch.optim.Optimizer:
+    lr, decay = options.learning_rate, options.weight_decay
+    if options.optimizer == "sgd":
+        momentum = 0.9 if options.momentum is None else options.momentum
+        return torch.optim.SGD(params, lr=lr, momentum=momentum, nesterov=options.nesterov and momentum > 0,
+                               weight_decay=decay)
+    if options.optimizer == "rmsprop":
+        return torch.optim.RMSprop(params, lr=lr, momentum=options.momentum or 0.0, weight_decay=decay)
+    if options.optimizer == "adamw":
+        return torch.optim.AdamW(params, lr=lr, weight_decay=decay)
+    return torch.optim.Adam(params, lr=lr, weight_decay=decay)
 
 
-def evaluate(model: CNN, inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, start: int,
+def make_schedule(options: TrainingOptions, optimizer: torch.optim.Optimizer,
+                  epochs: int) -> torch.optim.lr_scheduler.LRScheduler | None:
+    """Stepped once per epoch: step decay at the milestones, or cosine annealing over the trial's epochs."""
+    if options.schedule == "step" and options.milestones:
+        return torch.optim.lr_scheduler.MultiStepLR(optimizer, list(options.milestones), options.gamma)
+    if options.schedule == "cosine":
+        return torch.optim.lr_scheduler.CosineAnnealingLR(optimizer, T_max=max(epochs, 1))
+    return None
+
+
+def augment(x: torch.Tensor, options: TrainingOptions, generator: torch.Generator) -> torch.Tensor:
+    """Random crop after zero padding and random horizontal flip, per image, on the batch's device."""
+    n, _, height, width = x.shape
+    pad = options.random_crop_padding
+    if pad:
+        padded = nn.functional.pad(x, (pad, pad, pad, pad))
+        dy = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        dx = torch.randint(0, 2 * pad + 1, (n,), generator=generator).to(x.device)
+        rows = (dy[:, None] + torch.arange(height, device=x.device))[:, None, :, None]
+        cols = (dx[:, None] + torch.arange(width, device=x.device))[:, None, None, :]
+        batch = torch.arange(n, device=x.device)[:, None, None, None]
+        channels = torch.arange(x.shape[1], device=x.device)[None, :, None, None]
+        x = padded[batch, channels, rows, cols]
+    if options.horizontal_flip:
+        flip = (torch.rand(n, generator=generator) < 0.5).to(x.device)
+        x = torch.where(flip[:, None, None, None], x.flip(-1), x)
+    return x
+
+
+def evaluate(model: StagedModel, inputs: Callable[[torch.Tensor], torch.Tensor], y: torch.Tensor, start: int,
              device: torch.device) -> tuple[float, float]:
     model.eval()
     loss_sum, correct = 0.0, 0
@@ -158,7 +196,7 @@ def evaluate(model: CNN, inputs: Callable[[torch.Tensor], torch.Tensor], y: torc
 
 
 def train(
-    model: CNN,
+    model: StagedModel,
     data: DatasetSplits,
     *,
     frozen_layers: int,
@@ -172,18 +210,24 @@ def train(
     report: Callable[[EpochResult], None] | None = None,
     shared_features: SharedFeatureStore | None = None,
     cache_info: dict[str, str] | None = None,
+    evaluate_test: bool = True,
 ) -> TrainResult:
     """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial.
 
     `cache_info` receives the feature cache's mode and shared outcome before the first epoch, so a
-    caller whose `report` stopped the training still knows them.
+    caller whose `report` stopped the training still knows them. With augmentation the frozen
+    prefix's outputs change every epoch, so they are not cached (the prefix still has no backward
+    pass and no optimizer state).
     """
     arch = model.arch
+    options = arch.training
     model.to(device)
     if frozen_layers:
         model.freeze_prefix(frozen_layers)
-    optimizer = _make_optimizer(arch.optimizer, model.trainable_parameters(), arch.learning_rate)
+    optimizer = make_optimizer(options, model.trainable_parameters())
+    schedule = make_schedule(options, optimizer, epochs)
     generator = torch.Generator().manual_seed(seed)
+    augmentation = torch.Generator().manual_seed(seed + 1)  # its own stream: shuffling is the same with or without
 
     started = time.perf_counter()
     mode = "off"
@@ -191,7 +235,7 @@ def train(
     start = 0
     train_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.train.x[index]
     val_inputs: Callable[[torch.Tensor], torch.Tensor] = lambda index: data.val.x[index]
-    if frozen_layers and cache_features:
+    if frozen_layers and cache_features and not options.augments:
         mode = choose_cache_mode(model, frozen_layers, len(data.train.y) + len(data.val.y), memory_limit)
         digest = ""
         if shared_features is not None:
@@ -210,20 +254,26 @@ def train(
     results: list[EpochResult] = []
     best_epoch, stopped_early, rising = 0, False, 0
     best_state: dict[str, torch.Tensor] = {}
+    best_model: dict[str, torch.Tensor] = {}
     n = len(data.train.y)
+    keep_best_model = evaluate_test and data.test is not None
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
         order = torch.randperm(n, generator=generator)
         loss_sum = 0.0
-        for begin in range(0, n, arch.batch_size):
-            index = order[begin:begin + arch.batch_size]
+        for begin in range(0, n, options.batch_size):
+            index = order[begin:begin + options.batch_size]
             x, target = train_inputs(index).to(device), data.train.y[index].to(device)
+            if options.augments:
+                x = augment(x, options, augmentation)
             optimizer.zero_grad(set_to_none=True)
             loss = nn.functional.cross_entropy(model(x, start), target)
             loss.backward()
             optimizer.step()
             loss_sum += loss.item() * len(index)
+        if schedule is not None:
+            schedule.step()
         val_loss, val_accuracy = evaluate(model, val_inputs, data.val.y, start, device)
         result = EpochResult(epoch, loss_sum / n, val_loss, val_accuracy, time.perf_counter() - epoch_start)
         results.append(result)
@@ -231,7 +281,9 @@ def train(
             raise FloatingPointError(f"validation loss is {val_loss} at epoch {epoch} (learning rate too high?)")
         if best_epoch == 0 or val_loss < results[best_epoch - 1].val_loss:
             best_epoch, rising = epoch, 0
-            best_state = model.prefix_state(arch.conv_layers)
+            best_state = model.prefix_state(model.depth)
+            if keep_best_model:
+                best_model = {name: t.detach().clone() for name, t in model.state_dict().items()}
         else:
             rising += 1
         if report is not None:
@@ -239,5 +291,12 @@ def train(
         if patience and rising >= patience and epoch < epochs:
             stopped_early = True
             break
-    return TrainResult(results, best_epoch, time.perf_counter() - started, mode, stopped_early, best_state,
-                       shared_outcome)
+    train_seconds = time.perf_counter() - started
+    result = TrainResult(results, best_epoch, train_seconds, mode, stopped_early, best_state, shared_outcome)
+    if keep_best_model:
+        test_started = time.perf_counter()
+        model.load_state_dict(best_model)
+        result.test_loss, result.test_accuracy = evaluate(model, lambda index: data.test.x[index], data.test.y, 0,
+                                                          device)
+        result.test_seconds = time.perf_counter() - test_started
+    return result

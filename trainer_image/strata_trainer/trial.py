@@ -11,21 +11,22 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from strata.architecture import CNNArchitecture, architecture_from_params, estimate_seconds_saved
+from strata.families import Architecture, ConfigurationError, architecture_from_params
 from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_store
 from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
-    ATTR_REGISTRY_PUBLISH_FAILURES, ATTR_TRAINING_STARTED, load_study, open_storage,
+    ATTR_REGISTRY_PUBLISH_FAILURES, ATTR_TRAINING_STARTED, ATTR_MODEL, ATTR_NUM_CLASSES, ATTR_TEST_ACCURACY, ATTR_TEST_LOSS,
+    ATTR_TEST_SECONDS, load_study, open_storage,
 )
 from strata.redaction import register_secret
 from strata.retrying_storage import RetryingStorage, call_with_retry
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
-from strata_trainer.data import load_dataset
+from strata_trainer.data import DatasetError, DatasetSplits, load_dataset
 from strata_trainer.features import SharedFeatureStore
-from strata_trainer.model import CNN
+from strata_trainer.models import StagedModel, build_model, estimate_seconds_saved
 from strata_trainer.resources import configure_threads, memory_limit, pick_device
 from strata_trainer.training import EpochResult, train
 
@@ -59,9 +60,9 @@ class ReusedPrefix:
     state: dict[str, torch.Tensor]
 
 
-def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, min_epochs: int,
+def find_reusable_prefix(registry: LayerRegistry | None, model: StagedModel, min_epochs: int,
                          failures: list[str] | None = None) -> ReusedPrefix | None:
-    """The longest prefix of at most n-1 layers with a donor, the donor with the best val loss.
+    """The longest prefix of at most depth-1 units with a donor, the donor with the best val loss.
 
     A corrupt entry is skipped for the next-best donor; an unreachable store means no reuse.
     Each refused or unreadable entry is appended to `failures` (the trial records the count).
@@ -69,7 +70,8 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
     failures = failures if failures is not None else []
     if registry is None:
         return None
-    for k in range(arch.conv_layers - 1, 0, -1):
+    arch = model.arch
+    for k in range(arch.depth - 1, 0, -1):
         signature = arch.prefix_signature(k)
         refused: set[str] = set()
         while True:
@@ -83,7 +85,7 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
                 break
             try:
                 state = prefix_from_bytes(registry.load_weights(donor))
-                check_prefix_shapes(state, arch, k)
+                model.check_prefix(state, k)
                 return ReusedPrefix(k, donor, state)
             except (CorruptCheckpoint, ObjectNotFound, ValueError, RuntimeError) as error:
                 # torch refuses anything but tensors (weights_only) and we refuse a wrong sha256
@@ -95,17 +97,6 @@ def find_reusable_prefix(registry: LayerRegistry | None, arch: CNNArchitecture, 
                 failures.append(str(error))
                 return None
     return None
-
-
-def check_prefix_shapes(state: dict[str, torch.Tensor], arch: CNNArchitecture, k: int) -> None:
-    """A donor must fit exactly: block i holds conv weight (out, in, k, k) and bias (out,)."""
-    expected = {}
-    for i, layer in enumerate(arch.conv[:k]):
-        expected[f"{i}.0.weight"] = (layer.out_channels, layer.in_channels, layer.kernel, layer.kernel)
-        expected[f"{i}.0.bias"] = (layer.out_channels,)
-    actual = {name: tuple(tensor.shape) for name, tensor in state.items()}
-    if actual != expected:
-        raise ValueError(f"prefix tensors {actual} do not fit {expected}")
 
 
 def open_registry(spec: StudySpec, checkpoints: str | None, failures: list[str] | None = None) -> LayerRegistry | None:
@@ -122,13 +113,13 @@ def open_registry(spec: StudySpec, checkpoints: str | None, failures: list[str] 
         return None
 
 
-def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict[str, torch.Tensor],
+def publish_prefixes(registry: LayerRegistry, arch: Architecture, state: dict[str, torch.Tensor],
                      from_layer: int, *, study: str, trial: int, val_loss: float, epochs: int,
                      failures: list[str] | None = None) -> int:
     """Publish prefixes longer than the reused one (shorter ones are the donor's, already there).
     A prefix the store refused is appended to `failures` (the trial records the count)."""
     published = 0
-    for k in range(max(from_layer, 0) + 1, arch.conv_layers + 1):
+    for k in range(max(from_layer, 0) + 1, arch.depth + 1):
         keys = {name for name in state if int(name.split(".")[0]) < k}
         prefix = {name: state[name] for name in sorted(keys)}
         try:
@@ -136,9 +127,9 @@ def publish_prefixes(registry: LayerRegistry, arch: CNNArchitecture, state: dict
                              val_loss=val_loss, epochs=epochs)
             published += 1
         except ObjectStoreError as error:
-            log.warning("could not publish %d-layer prefix: %s", k, error)
+            log.warning("could not publish %d-unit prefix: %s", k, error)
             if failures is not None:
-                failures.append(f"{k}-layer prefix: {error}")
+                failures.append(f"{k}-unit prefix: {error}")
             break
     return published
 
@@ -179,12 +170,14 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     device = pick_device(spec.training.device)
     arch = architecture_from_params(spec, params)
     data = context.dataset(spec)
+    check_class_count(study, spec, data)
+    torch.manual_seed(spec.training.seed)
+    model = build_model(arch, data.num_classes, spec.model)
+    arch = model.arch  # a custom model's units are known once it is built
     load_failures: list[str] = []
     registry = open_registry(spec, checkpoints, load_failures) if spec.reuse.enabled else None
-    reused = find_reusable_prefix(registry, arch, spec.reuse.min_donor_epochs, load_failures)
+    reused = find_reusable_prefix(registry, model, spec.reuse.min_donor_epochs, load_failures)
 
-    torch.manual_seed(spec.training.seed)
-    model = CNN(arch)
     frozen_layers = 0
     if reused is not None:
         model.load_prefix(reused.state, reused.layers)
@@ -192,9 +185,9 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     epochs = spec.training.epochs
     if reused is not None and spec.training.epochs_when_reusing:
         epochs = spec.training.epochs_when_reusing
-    log.info("trial %d: %s, reusing %d layer(s)%s, %d epochs, %d threads, %s", trial.number, arch.describe(),
-             reused.layers if reused else 0, f" from {reused.donor.study}#{reused.donor.trial_number}" if reused else "",
-             epochs, threads, device)
+    log.info("trial %d: %s, reusing %d of %d unit(s)%s, %d epochs, %d threads, %s", trial.number, arch.describe(),
+             reused.layers if reused else 0, arch.depth,
+             f" from {reused.donor.study}#{reused.donor.trial_number}" if reused else "", epochs, threads, device)
 
     metric_of = (lambda r: r.val_loss) if spec.objective.metric == "val_loss" else (lambda r: r.val_accuracy)
 
@@ -204,6 +197,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
             raise optuna.TrialPruned(f"pruned at epoch {result.epoch}")
 
     attrs = {
+        ATTR_MODEL: arch.label,
         ATTR_REUSED_LAYERS: reused.layers if reused else 0,
         ATTR_DONOR_TRIAL: reused.donor.trial_number if reused else None,
         ATTR_DONOR_STUDY: reused.donor.study if reused else None,
@@ -218,7 +212,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
                        patience=spec.training.early_stop_patience, seed=spec.training.seed, device=device,
                        cache_features=spec.reuse.cache_frozen_features, memory_limit=memory_limit(),
                        spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env(),
-                       cache_info=cache_info)
+                       cache_info=cache_info, evaluate_test=spec.training.evaluate_test)
     except optuna.TrialPruned:
         attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
                       ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values),
@@ -232,8 +226,8 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     best = result.best
     if reused is not None:
         attrs[ATTR_SECONDS_SAVED] = round(estimate_seconds_saved(
-            arch, frozen_layers, result.feature_cache != "off", len(result.epochs), spec.training.epochs,
-            result.train_seconds), 3)
+            model.unit_flops(arch.input_shape), frozen_layers, result.feature_cache != "off", len(result.epochs),
+            spec.training.epochs, result.train_seconds), 3)
     attrs.update({
         ATTR_TRAIN_SECONDS: round(result.train_seconds, 3), ATTR_EPOCHS_RUN: len(result.epochs),
         ATTR_FEATURE_CACHE: result.feature_cache, ATTR_SHARED_FEATURES: result.shared_features or None,
@@ -241,6 +235,9 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "val_loss_per_epoch": [round(r.val_loss, 5) for r in result.epochs],
     })
+    if result.test_accuracy is not None:
+        attrs.update({ATTR_TEST_ACCURACY: result.test_accuracy, ATTR_TEST_LOSS: result.test_loss,
+                      ATTR_TEST_SECONDS: round(result.test_seconds, 3)})
     if registry is not None:
         # Publish before telling: once the trial is COMPLETE, its layers are already visible.
         publish_failures: list[str] = []
@@ -255,6 +252,16 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     log.info("trial %d complete: val_loss %.4f, accuracy %.4f, %.1f s", trial.number, best.val_loss,
              best.val_accuracy, result.train_seconds)
     return EXIT_COMPLETE
+
+
+def check_class_count(study: optuna.Study, spec: StudySpec, data: DatasetSplits) -> None:
+    """Every trial of a study must see the same classes: the first records the count, the rest compare."""
+    recorded = study.user_attrs.get(ATTR_NUM_CLASSES)
+    if recorded is None:
+        study.set_user_attr(ATTR_NUM_CLASSES, data.num_classes)
+    elif int(recorded) != data.num_classes:
+        raise DatasetError(f"{spec.training.dataset.path or spec.training.dataset.name}: {data.num_classes} classes, "
+                           f"but this study's earlier trials had {recorded} (the data changed under the study)")
 
 
 def _set_attrs(trial: optuna.trial.Trial, attrs: dict) -> None:

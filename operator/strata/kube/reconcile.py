@@ -287,6 +287,7 @@ class StudyService:
         snapshot.retried = progress.retried
         snapshot.running, snapshot.waiting = progress.running, progress.waiting
         snapshot.best_value = progress.best.value if progress.best else None
+        snapshot.best_test_accuracy = progress.best.test_accuracy if progress.best else None
         snapshot.reused_trials, snapshot.reused_layers = progress.reused_trials, progress.reused_layers
         snapshot.max_trials = (result.status.get("trials") or {}).get("max")
         snapshot.seconds_saved = progress.seconds_saved
