@@ -76,11 +76,13 @@ def warm_up() -> None:
     trial otherwise)."""
     import torch
 
-    from strata_trainer.training import _make_optimizer
+    from strata.families import TrainingOptions
+    from strata.spec import OPTIMIZERS
+    from strata_trainer.training import make_optimizer
 
     weight = torch.zeros(1, 1, 3, 3, requires_grad=True)
-    for name in ("adam", "sgd", "rmsprop"):
-        optimizer = _make_optimizer(name, [weight], 0.001)
+    for name in OPTIMIZERS:
+        optimizer = make_optimizer(TrainingOptions(optimizer=name), [weight])
         torch.nn.functional.conv2d(torch.zeros(1, 1, 8, 8), weight).sum().backward()
         optimizer.step()
     gc.collect()
