@@ -67,6 +67,30 @@ def operator_api_calls(k8s_api) -> set[tuple[str, str, str]]:
     return calls
 
 
+def test_a_resnet_depth_search_runs_in_worker_pods_reusing_the_stem_and_first_blocks(
+        k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path):
+    """A non-paper family through the operator: ResNet-8 and ResNet-14, the deeper one taking the
+    shallower one's stem and first block from the S3 registry; the best trial's test accuracy in status."""
+    manifest = study_manifest(
+        "resnets", s3_bucket, max_trials=2, parallel=1, mode="warmWorkers",
+        model={"family": "resnet"},
+        searchSpace={"depth": {"type": "categorical", "choices": [8, 14]},
+                     "learningRate": {"type": "categorical", "choices": [0.01]}},
+        training={"inputSize": 16, "subsetSize": 300, "epochs": 1, "optimizer": "sgd", "weightDecay": 0.0005})
+    with LocalKubelet(k8s_api, tmp_path / "kubelet", env=cluster_env, max_running=2):
+        apply(kubectl, manifest)
+        status = wait_for_phase(k8s_api, operator, "resnets", "Succeeded", timeout=150)
+
+    trials = {t.params["depth"]: t for t in optuna_trials(postgres_url, "resnets")}
+    assert status["completed"] == "2/2" and status["reuse"]["trials"] == 1
+    assert trials[14].user_attrs["reused_layers"] == 2 and trials[14].user_attrs["model"] == "resnet-14"
+    assert reused_weights_match_their_donors(postgres_url, "default.resnets", s3_bucket) == 1
+    best = trials[int(status["best"]["params"]["depth"])]
+    assert status["best"]["testAccuracy"] == pytest.approx(best.user_attrs["test_accuracy"])
+    assert status["best"]["model"] == best.user_attrs["model"]
+    assert not events(k8s_api, "resnets", type_="Warning")
+
+
 @pytest.mark.parametrize("mode", MODES)
 def test_a_study_runs_to_exactly_max_trials_reusing_its_donors_weights_and_kubectl_shows_it(
         k8s_api, kubectl, cluster_env, operator, postgres_url, s3_bucket, tmp_path, mode):
