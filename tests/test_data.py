@@ -16,7 +16,7 @@ import pytest
 
 torch = pytest.importorskip("torch")
 
-from strata.architecture import input_shape_for  # noqa: E402
+from strata.families import input_shape_for  # noqa: E402
 from strata.spec import Dataset, StudySpec, Training  # noqa: E402
 from strata_trainer import data  # noqa: E402
 from strata_trainer.data import DatasetError, load_dataset  # noqa: E402

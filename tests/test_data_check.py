@@ -60,6 +60,9 @@ def test_the_data_check_key_changes_with_the_data_settings_only():
     assert data_check_key(base) == data_check_key(spec_with())
     assert data_check_key(base) != data_check_key(spec_with(subsetSize=300))
     assert data_check_key(base) != data_check_key(spec_with(dataset={"name": "mnist", "path": "/data"}))
+    assert data_check_key(base) != data_check_key(spec_with(testSplit=0.1))
+    npz = {"name": "npz", "path": "/data/set.npz"}
+    assert data_check_key(spec_with(dataset=npz)) != data_check_key(spec_with(dataset={**npz, "channels": 1}))
     other_space = parse_spec({"searchSpace": {**SPACE, "batchSize": {"type": "categorical", "choices": [8]}},
                               "trials": {"max": 9}, "training": {"inputSize": 16, "subsetSize": 200}})
     assert data_check_key(other_space) == data_check_key(base)

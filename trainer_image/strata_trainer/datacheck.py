@@ -31,9 +31,11 @@ def verdict_for(spec: StudySpec, load: Callable[[StudySpec], DatasetSplits] | No
     except DatasetError as error:
         verdict.update(ok=False, message=str(error))
     else:
-        verdict.update(ok=True, train=len(data.train), validation=len(data.val), classes=data.num_classes,
+        test = len(data.test) if data.test is not None else 0
+        verdict.update(ok=True, train=len(data.train), validation=len(data.val), test=test, classes=data.num_classes,
                        message=f"{data.source}: {len(data.train)} training and {len(data.val)} validation images, "
-                               f"{data.num_classes} classes, input {'x'.join(map(str, data.input_shape))}")
+                               f"{data.num_classes} classes, {f'{test} test images' if test else 'no test split'}, "
+                               f"input {'x'.join(map(str, data.input_shape))}")
     return verdict
 
 
