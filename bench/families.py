@@ -117,7 +117,7 @@ def throughput_part(quick: bool, work: Path) -> dict[str, Any]:
             model = build_model(arch, data.num_classes, spec.model)
             started = time.perf_counter()
             train(model, data, frozen_layers=0, epochs=epochs, patience=0, seed=0, device=torch.device("cpu"),
-                  cache_features=False, evaluate_test=False)
+                  cache_features=False)
             strata_times.append(time.perf_counter() - started)
         plain, strata = statistics.median(plain_times), statistics.median(strata_times)
         images = epochs * len(data.train.y)
@@ -200,7 +200,7 @@ def augmentation_part(quick: bool, work: Path) -> dict[str, Any]:
     prefix = donor.prefix_state(3)
     warm = build_model(architecture_from_params(plain, {"depth": 20}), data.num_classes, plain.model)
     train(warm, _first(data, 128), frozen_layers=0, epochs=1, patience=0, seed=0, device=torch.device("cpu"),
-          cache_features=False, evaluate_test=False)  # warm-up, untimed
+          cache_features=False)  # warm-up, untimed
     rows = []
     for label, spec, reuse in (("reused prefix, no augmentation (cached)", plain, True),
                                ("reused prefix, crop+flip (not cached)", augmented, True),
@@ -210,7 +210,7 @@ def augmentation_part(quick: bool, work: Path) -> dict[str, Any]:
         if reuse:
             model.load_prefix(prefix, 3)
         result = train(model, data, frozen_layers=3 if reuse else 0, epochs=epochs, patience=0, seed=0,
-                       device=torch.device("cpu"), cache_features=True, evaluate_test=False)
+                       device=torch.device("cpu"), cache_features=True)
         epoch_seconds = statistics.mean(r.seconds for r in result.epochs)
         rows.append({"arm": label, "seconds": result.train_seconds, "epoch_seconds": epoch_seconds,
                      "feature_cache": result.feature_cache,

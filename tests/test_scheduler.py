@@ -86,7 +86,7 @@ class SimulatedStudy:
         """Train: publish every prefix, then tell Optuna (publish before tell, as the trainer does)."""
         params = self.params(number)
         arch = architecture_from_params(self.spec, params)
-        for k in range(1, arch.conv_layers + 1):
+        for k in range(1, arch.depth + 1):
             self.registry.publish(arch.prefix_signature(k), f"trial {number} prefix {k}".encode(),
                                   study=self.study.study_name, trial_number=number, val_loss=value, epochs=1)
         self.study.tell(number, value)

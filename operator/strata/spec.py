@@ -383,7 +383,7 @@ class Training(_Model):
     validation_split: float = Field(0.2, gt=0, lt=1)
     # Held out as the test split when the dataset has none (imagefolder without test/, npz without x_test).
     test_split: float | None = Field(None, gt=0, lt=1)
-    evaluate_test: bool = True  # the best-epoch weights of every complete trial are scored on the test split
+    evaluate_test: bool = True  # a trial that beats the study's best so far is scored on the test split
     epochs: int = Field(5, ge=1)
     epochs_when_reusing: int | None = Field(None, ge=1)  # the paper: reuse needs fewer epochs
     early_stop_patience: int = Field(1, ge=0)  # epochs of rising val loss before stopping; 0 = off
@@ -922,8 +922,9 @@ FIELD_DOCS: dict[str, str] = {
     "channels": "imagefolder and npz: 3 (RGB, the default) or 1 (grayscale); images are converted to it.",
     "testSplit": "Fraction of the training images held out as the test split when the dataset has none "
                  "(imagefolder without test/, npz without x_test).",
-    "evaluateTest": "Score every complete trial's best-epoch weights on the test split once (never used to choose "
-                    "trials); the study reports its best trial's test accuracy.",
+    "evaluateTest": "Score a complete trial's best-epoch weights on the test split when it beats every earlier "
+                    "trial's value (so the study's best trial always has a test accuracy); never used to choose "
+                    "trials.",
     "optimizer": "Optimizer: adam, adamw, sgd or rmsprop (a searchSpace.optimizer parameter overrides it).",
     "learningRate": "Learning rate (a searchSpace.learningRate parameter overrides it).",
     "batchSize": "Minibatch size (a searchSpace.batchSize parameter overrides it).",
@@ -993,8 +994,8 @@ FIELD_DOCS: dict[str, str] = {
     "tolerationSeconds": "How long a NoExecute taint is tolerated (only with effect NoExecute).",
     "gpu": "Send trials to GPU nodes: all when enabled, or only those at least minConvLayers deep / minFilters wide.",
     "count": "GPUs per trial pod (nvidia.com/gpu).",
-    "minConvLayers": "Only trials with at least this many conv layers go to GPU nodes.",
-    "minFilters": "Only trials with at least this many filters go to GPU nodes.",
+    "minConvLayers": "paper-cnn: only trials with at least this many conv layers go to GPU nodes.",
+    "minFilters": "paper-cnn: only trials with at least this many filters go to GPU nodes.",
     "suspend": "Pause the study: running trials finish, no new ones start.",
     "execution": "How trials run: warm workers (one long-lived process, or pod, per parallel slot, running trial "
                  "after trial without starting Python and torch again) or a fresh process or pod per trial.",

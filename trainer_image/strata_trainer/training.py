@@ -48,9 +48,7 @@ class TrainResult:
     stopped_early: bool
     best_prefix_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)
     shared_features: str = ""  # "" (no shared store) | hit (read another trial's) | stored | private (store failed)
-    test_loss: float | None = None  # the best epoch's weights on the test split (when there is one)
-    test_accuracy: float | None = None
-    test_seconds: float = 0.0
+    best_model_state: dict[str, torch.Tensor] = field(repr=False, default_factory=dict)  # kept for a test split
 
     @property
     def best(self) -> EpochResult:
@@ -210,12 +208,13 @@ def train(
     report: Callable[[EpochResult], None] | None = None,
     shared_features: SharedFeatureStore | None = None,
     cache_info: dict[str, str] | None = None,
-    evaluate_test: bool = True,
+    keep_best: bool = False,
 ) -> TrainResult:
     """Train the trainable part; `report` may raise (e.g. optuna.TrialPruned) to stop the trial.
 
     `cache_info` receives the feature cache's mode and shared outcome before the first epoch, so a
-    caller whose `report` stopped the training still knows them. With augmentation the frozen
+    caller whose `report` stopped the training still knows them. `keep_best` keeps the best epoch's
+    whole state (for evaluate_on_test) when the data has a test split. With augmentation the frozen
     prefix's outputs change every epoch, so they are not cached (the prefix still has no backward
     pass and no optimizer state).
     """
@@ -256,7 +255,7 @@ def train(
     best_state: dict[str, torch.Tensor] = {}
     best_model: dict[str, torch.Tensor] = {}
     n = len(data.train.y)
-    keep_best_model = evaluate_test and data.test is not None
+    keep_best_model = keep_best and data.test is not None
     for epoch in range(1, epochs + 1):
         epoch_start = time.perf_counter()
         model.train()
@@ -291,12 +290,12 @@ def train(
         if patience and rising >= patience and epoch < epochs:
             stopped_early = True
             break
-    train_seconds = time.perf_counter() - started
-    result = TrainResult(results, best_epoch, train_seconds, mode, stopped_early, best_state, shared_outcome)
-    if keep_best_model:
-        test_started = time.perf_counter()
-        model.load_state_dict(best_model)
-        result.test_loss, result.test_accuracy = evaluate(model, lambda index: data.test.x[index], data.test.y, 0,
-                                                          device)
-        result.test_seconds = time.perf_counter() - test_started
-    return result
+    return TrainResult(results, best_epoch, time.perf_counter() - started, mode, stopped_early, best_state,
+                       shared_outcome, best_model)
+
+
+def evaluate_on_test(model: StagedModel, result: TrainResult, test: Split,
+                     device: torch.device) -> tuple[float, float]:
+    """(loss, accuracy) of the best epoch's weights on the test split: forward only, no cache."""
+    model.load_state_dict(result.best_model_state)
+    return evaluate(model, lambda index: test.x[index], test.y, 0, device)

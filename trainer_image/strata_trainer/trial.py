@@ -28,7 +28,7 @@ from strata_trainer.data import DatasetError, DatasetSplits, load_dataset
 from strata_trainer.features import SharedFeatureStore
 from strata_trainer.models import StagedModel, build_model, estimate_seconds_saved
 from strata_trainer.resources import configure_threads, memory_limit, pick_device
-from strata_trainer.training import EpochResult, train
+from strata_trainer.training import EpochResult, evaluate_on_test, train
 
 log = logging.getLogger("strata.trainer")
 
@@ -212,7 +212,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
                        patience=spec.training.early_stop_patience, seed=spec.training.seed, device=device,
                        cache_features=spec.reuse.cache_frozen_features, memory_limit=memory_limit(),
                        spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env(),
-                       cache_info=cache_info, evaluate_test=spec.training.evaluate_test)
+                       cache_info=cache_info, keep_best=spec.training.evaluate_test)
     except optuna.TrialPruned:
         attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
                       ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values),
@@ -235,9 +235,11 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         "best_epoch": result.best_epoch, "stopped_early": result.stopped_early,
         "val_loss_per_epoch": [round(r.val_loss, 5) for r in result.epochs],
     })
-    if result.test_accuracy is not None:
-        attrs.update({ATTR_TEST_ACCURACY: result.test_accuracy, ATTR_TEST_LOSS: result.test_loss,
-                      ATTR_TEST_SECONDS: round(result.test_seconds, 3)})
+    if result.best_model_state and data.test is not None and is_best_so_far(study, spec, metric_of(best)):
+        test_started = time.perf_counter()
+        test_loss, test_accuracy = evaluate_on_test(model, result, data.test, device)
+        attrs.update({ATTR_TEST_ACCURACY: test_accuracy, ATTR_TEST_LOSS: test_loss,
+                      ATTR_TEST_SECONDS: round(time.perf_counter() - test_started, 3)})
     if registry is not None:
         # Publish before telling: once the trial is COMPLETE, its layers are already visible.
         publish_failures: list[str] = []
@@ -252,6 +254,16 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     log.info("trial %d complete: val_loss %.4f, accuracy %.4f, %.1f s", trial.number, best.val_loss,
              best.val_accuracy, result.train_seconds)
     return EXIT_COMPLETE
+
+
+def is_best_so_far(study: optuna.Study, spec: StudySpec, value: float) -> bool:
+    """Whether this trial's value beats every complete trial's: only such trials are scored on the test
+    split, so the study's best trial always has a test accuracy and most trials cost no test pass."""
+    try:
+        best = study.best_value
+    except ValueError:  # no complete trial yet
+        return True
+    return value <= best if spec.objective.resolved_direction == "minimize" else value >= best
 
 
 def check_class_count(study: optuna.Study, spec: StudySpec, data: DatasetSplits) -> None:

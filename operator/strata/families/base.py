@@ -179,11 +179,6 @@ class Architecture:
     def describe(self) -> str:
         return f"{self.label or self.family} {self.training.describe()}"
 
-    # The paper family's names, kept for its callers (bench, scheduler's GPU placement).
-    @property
-    def conv_layers(self) -> int:
-        return self.depth
-
 
 @dataclass(frozen=True)
 class PrefixSignature:
