@@ -76,7 +76,7 @@ def test_image_runs_as_uid_1000_on_a_pinned_base(dockerfile: Path) -> None:
 
 def test_trainer_image_pins_torch_as_the_trainer_extra_does() -> None:
     pins = trainer_pins()
-    assert set(pins) == {"torch", "torchvision"}
+    assert set(pins) == {"torch", "torchvision", "pillow"}
     pinned = {}
     for args in pip_installs(TRAINER_DOCKERFILE):
         for arg in args:
