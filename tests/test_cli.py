@@ -207,8 +207,9 @@ def test_status_and_best_show_the_same_best_trial_by_file_and_by_storage(finishe
         assert result.returncode == 0, result.stderr
     assert json.loads(by_file.stdout) == json.loads(by_storage.stdout) == best
     assert json.loads(status_json.stdout)["best"] == best
-    assert f"best: trial {best['number']} value {best['value']:.4f} params {json.dumps(best['params'])}" \
-        in status.stdout
+    assert best["model"] and 0 <= best["test_accuracy"] <= 1  # Fashion-MNIST's t10k images
+    assert (f"best: trial {best['number']} value {best['value']:.4f} test accuracy {best['test_accuracy']:.4f} "
+            f"params {json.dumps(best['params'])}") in status.stdout
 
 
 # --- interrupt and resume ------------------------------------------------------------------------

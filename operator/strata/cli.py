@@ -260,8 +260,7 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
         "study": optuna_study.study_name,
         "phase": phase,
         "direction": scheduler.spec.objective.resolved_direction,
-        "best": {"number": best.number, "value": best.value, "params": best.params, "model": best.model,
-                 "test_accuracy": best.test_accuracy} if best else None,
+        "best": best_as_json(best) if best else None,
         "summary": {
             "complete": progress.complete, "pruned": progress.pruned, "failed": progress.failed,
             "reused_trials": progress.reused_trials, "reused_layers": progress.reused_layers,
@@ -273,6 +272,12 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
         },
         "trials": trials,
     }
+
+
+def best_as_json(best) -> dict[str, Any]:
+    """The best trial as `strata best`, `status --json` and the report show it."""
+    return {"number": best.number, "value": best.value, "params": best.params, "model": best.model,
+            "test_accuracy": best.test_accuracy}
 
 
 def print_summary(report: dict[str, Any], out) -> None:
@@ -333,7 +338,7 @@ def cmd_best(args: argparse.Namespace) -> int:
     if best is None:
         print("no completed trial yet", file=sys.stderr)
         return EXIT_STUDY_FAILED
-    print(json.dumps({"number": best.number, "value": best.value, "params": best.params}, indent=2))
+    print(json.dumps(best_as_json(best), indent=2))
     return EXIT_OK
 
 
