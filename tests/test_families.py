@@ -288,3 +288,20 @@ def test_he_initialisation_gives_conv_weights_the_fan_out_variance():
     assert conv.weight.std().item() == pytest.approx(math.sqrt(2 / fan_out), rel=0.15)
     assert arch.training.initialization == "default"
     assert architecture_from_params(spec_for("resnet"), {"initialization": "he"}).training.initialization == "he"
+
+
+def test_only_a_trial_that_beats_the_best_so_far_is_scored_on_the_test_split(tmp_path):
+    import optuna
+
+    from strata_trainer.trial import is_best_so_far
+
+    for metric, values, expected in (("val_loss", [0.5, 0.7, 0.4], [True, False, True]),
+                                     ("val_accuracy", [0.5, 0.4, 0.9], [True, False, True])):
+        spec = parse_spec({"objective": {"metric": metric}, "trials": {"max": 3},
+                           "searchSpace": {"convLayers": {"type": "int", "low": 1, "high": 2}}})
+        study = optuna.create_study(direction=spec.objective.resolved_direction)
+        verdicts = []
+        for value in values:
+            verdicts.append(is_best_so_far(study, spec, value))
+            study.add_trial(optuna.trial.create_trial(value=value))
+        assert verdicts == expected, metric
