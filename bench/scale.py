@@ -5,7 +5,7 @@
 
 On a throwaway PostgreSQL, one study of the e2e trial shape (the paper family, TPE through Strata's
 DistinctSampler, as `strata run` and the operator build it) is filled with finished trials; at each
-size, with 64 trials RUNNING, it measures (median / p95 of `--samples` calls):
+size, with the latest 64 trials RUNNING (as in a study under way), it measures (median / p95 of `--samples` calls):
 - ask and tell latency (`study.ask(distributions)`, `study.tell`), what a hand-off costs in Optuna;
 - `TrialScheduler.progress()` and `.outcome()` (what every reconcile and the status read), and
   `plan()` with one free slot (which asks);
@@ -94,10 +94,13 @@ def measure(sizes: list[int], samples: int, url: str) -> list[dict[str, Any]]:
     distributions = distributions_of(spec)
     scheduler = TrialScheduler(study, spec, None)
     rng = random.Random(0)
-    running = [study.ask(distributions) for _ in range(RUNNING)]  # 64 RUNNING throughout
+    running: list = []
     rows = []
     for size in sizes:
-        fill(study, distributions, size, rng)
+        for trial in running:  # the running trials are the latest ones, as in a study under way
+            study.tell(trial, rng.uniform(0.2, 1.5))
+        fill(study, distributions, size - len(running), rng)
+        running = [study.ask(distributions) for _ in range(RUNNING)]
 
         asked: list[float] = []
         told: list[float] = []

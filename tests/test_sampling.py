@@ -107,3 +107,37 @@ def test_trial_seeds_are_stable_and_distinct():
     assert trial_seed(7, 3) == trial_seed(7, 3)
     assert len({trial_seed(7, n) for n in range(1000)}) == 1000
     assert trial_seed(7, 3) != trial_seed(8, 3)
+
+
+def test_sharing_the_search_space_cache_across_rebuilds_changes_no_proposal():
+    """DistinctSampler hands one incremental IntersectionSearchSpace to every per-trial TPE it builds:
+    the proposals are those of samplers that each compute it afresh."""
+    import optuna
+
+    from strata.sampling import DistinctSampler
+    from strata.spec import parse_spec
+    from strata.study import _inner_sampler, distributions
+
+    spec = parse_spec({"searchSpace": {"convLayers": {"type": "int", "low": 1, "high": 3},
+                                       "learningRate": {"type": "float", "low": 1e-4, "high": 1e-1, "log": True},
+                                       "fcLayout": {"type": "categorical", "choices": ["32", "64"]}},
+                       "sampler": {"name": "tpe", "seed": 4, "startupTrials": 5}, "trials": {"max": 40}})
+
+    class Unshared(DistinctSampler):
+        def _shared(self, inner):
+            return inner
+
+    proposals = []
+    for kind in (DistinctSampler, Unshared):
+        sampler = kind(lambda seed: _inner_sampler(spec, seed), distributions(spec), 4)
+        study = optuna.create_study(sampler=sampler)
+        running = []
+        for i in range(30):
+            trial = study.ask(distributions(spec))
+            running.append(trial)
+            if i % 3 == 2:  # some trials stay running a while, as in a study under way
+                for t in running[:-1]:
+                    study.tell(t, (t.params["learningRate"] - 0.01) ** 2 + t.params["convLayers"] / 10)
+                running = running[-1:]
+        proposals.append([t.params for t in study.trials])
+    assert proposals[0] == proposals[1]
