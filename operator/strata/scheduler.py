@@ -126,9 +126,9 @@ class TrialScheduler:
             self.study.set_user_attr(ATTR_STARTED, started)
         return float(started)
 
-    def progress(self, active: Iterable[int] = ()) -> Progress:
+    def progress(self, active: Iterable[int] = (), trials: list[FrozenTrial] | None = None) -> Progress:
         active = set(active)
-        trials = self.trials()
+        trials = self.trials() if trials is None else trials
         p = Progress()
         retried_roots = self._attempts(trials)
         for t in trials:
@@ -187,9 +187,9 @@ class TrialScheduler:
 
     # --- deciding ------------------------------------------------------------------------------
 
-    def outcome(self, active: Iterable[int] = ()) -> Outcome:
+    def outcome(self, active: Iterable[int] = (), trials: list[FrozenTrial] | None = None) -> Outcome:
         active = set(active)
-        p = self.progress(active)
+        p = self.progress(active, trials)
         limit = self.spec.trials.max_failed
         if p.failed > limit:
             return Outcome(True, "Failed", "FailureBudgetExceeded",
@@ -221,12 +221,12 @@ class TrialScheduler:
         """Trials (already RUNNING in Optuna) to start now, asking new ones as needed."""
         active = set(active)
         plan = Plan()
-        outcome = self.outcome(active)
+        trials = self.trials()  # read once; what this plan asks is merged in (_with), not read again
+        outcome = self.outcome(active, trials)
         if outcome.finished or outcome.stop_active or self.spec.suspend or outcome.reason == "GoalReached":
             return plan
-        trials = self.trials()
-        self._retry_failed(trials)
-        trials = self.trials()
+        if self._retry_failed(trials):
+            trials = self.trials()
         pending = sorted((t for t in trials if t.state == TrialState.RUNNING and t.number not in active),
                          key=lambda t: t.number)
         for t in pending:
@@ -248,7 +248,7 @@ class TrialScheduler:
             if trial is None:
                 break
             budget -= 1
-            trials = self.trials()
+            trials = _with(trials, trial)
             if self._tell_if_duplicate(trial, trials):
                 continue
             # A donor may need a donor itself: enqueue the chain down to a prefix that exists.
@@ -258,8 +258,8 @@ class TrialScheduler:
                     break
                 plan.waiting[trial.number] = f"waits for donor trial {donor}"
                 budget -= 1
-                trials = self.trials()
                 trial = self._frozen(donor)
+                trials = _with(trials, trial)
             self._consider(trial, trials, active, plan, free_slots)
         if not active and not plan.launch and plan.waiting and free_slots > 0:
             # Nothing runs and everything waits: never stall, start the oldest trial without a donor.
@@ -277,7 +277,9 @@ class TrialScheduler:
             plan.waiting[t.number] = "no free slot"
 
     def _frozen(self, number: int) -> FrozenTrial:
-        return self.study.get_trials(deepcopy=False)[number]
+        """One trial, read alone (not the whole study: a plan at 5,000 trials read it six times)."""
+        storage = self.study._storage
+        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))
 
     def _ask_next(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
         if self.spec.sampler.name == "grid":
@@ -320,8 +322,10 @@ class TrialScheduler:
                 return True
         return False
 
-    def _retry_failed(self, trials: list[FrozenTrial]) -> None:
+    def _retry_failed(self, trials: list[FrozenTrial]) -> bool:
+        """Re-ask failed attempts that may be retried; True when it asked any."""
         attempts = self._attempts(trials)
+        retried = False
         for t in trials:
             if t.state == TrialState.FAIL and self._latest_attempt(t, trials) and self._should_retry(t, attempts):
                 root = root_of(t)
@@ -330,6 +334,8 @@ class TrialScheduler:
                 self.study.enqueue_trial(dict(t.params), user_attrs={ATTR_RETRY_OF: root, ATTR_ATTEMPT: attempt})
                 self.study.ask(self._distributions)
                 attempts[root] = attempt
+                retried = True
+        return retried
 
     def _reuse_aware(self) -> bool:
         return self.spec.reuse.enabled and self.spec.reuse.reuse_aware_scheduling and self.registry is not None
@@ -443,6 +449,15 @@ class TrialScheduler:
         for t in self.trials():
             if t.state == TrialState.RUNNING and t.number not in active:
                 self.fail_attempt(t.number, reason, kind="interrupted")
+
+
+def _with(trials: list[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]:
+    """The study's trials (ordered by number) with one asked or changed trial put in its place."""
+    merged = [t for t in trials if t.number != trial.number]
+    merged.append(trial)
+    if merged[-1].number < (merged[-2].number if len(merged) > 1 else -1):
+        merged.sort(key=lambda t: t.number)
+    return merged
 
 
 def _counts_towards_max(t: FrozenTrial) -> bool:
