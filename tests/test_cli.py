@@ -230,8 +230,9 @@ def finished_in_logs(directory: Path) -> set[int]:
 @pytest.mark.parametrize("mode", list(MODES))
 def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(tmp_path, mode):
     # Trials long enough to be interrupted in the middle even in a warm worker.
+    # (4 epochs: at 2, a trial seen running could finish before the SIGINT reached it, on a loaded machine.)
     study_file = write_study(tmp_path, trials={"max": 5, "parallel": 2, "maxFailed": 0, "retries": 0},
-                             training={"subsetSize": 3000, "inputSize": 16, "epochs": 2, "epochsWhenReusing": 2,
+                             training={"subsetSize": 3000, "inputSize": 16, "epochs": 4, "epochsWhenReusing": 4,
                                        "earlyStopPatience": 0})
     run = subprocess.Popen([str(STRATA), "run", str(study_file), "--workers", "2", "--quiet", *MODES[mode]],
                            cwd=tmp_path,
