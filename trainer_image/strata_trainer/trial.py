@@ -11,7 +11,7 @@ from dataclasses import dataclass
 import optuna
 import torch
 
-from strata.families import Architecture, ConfigurationError, architecture_from_params
+from strata.families import Architecture, architecture_from_params
 from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_store
 from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec

@@ -15,7 +15,7 @@ import json
 from dataclasses import asdict, dataclass, field, replace
 from typing import Any, ClassVar, Mapping, Sequence
 
-from strata.spec import (FloatParam, IntParam, Parameter, SpecError, StudySpec, USER_DATASETS)
+from strata.spec import FAMILY_PARAMETERS, USER_DATASETS, FloatParam, IntParam, Parameter, SpecError, StudySpec
 
 # Native shape (channels, height, width) and class count of each bundled dataset.
 DATASET_SHAPES: dict[str, tuple[int, int, int]] = {
@@ -289,8 +289,6 @@ class Family:
                 raise SpecError(f"spec.searchSpace.{error.parameter}: {error}") from None
 
     def structural_parameters(self) -> tuple[str, ...]:
-        from strata.spec import FAMILY_PARAMETERS
-
         return tuple(FAMILY_PARAMETERS[self.name])
 
 

@@ -14,7 +14,7 @@ from typing import Any, Mapping
 
 from strata.families.base import (Architecture, Family, dataset_signature, input_shape_for, num_classes_for,
                                   training_options)
-from strata.spec import StudySpec
+from strata.spec import TRAINING_PARAMETERS, StudySpec
 
 
 class Custom(Family):
@@ -22,7 +22,7 @@ class Custom(Family):
 
     def architecture(self, spec: StudySpec, params: Mapping[str, Any]) -> Architecture:
         entry = spec.model.entry_point or ""
-        config = {k: v for k, v in params.items() if k not in _training_names()}
+        config = {k: v for k, v in params.items() if k not in TRAINING_PARAMETERS}
         return Architecture(
             family=f"custom:{entry}", dataset=dataset_signature(spec), input_shape=input_shape_for(spec),
             num_classes=num_classes_for(spec), units=(), stage_sizes=(), head={}, training=training_options(spec, params),
@@ -31,8 +31,3 @@ class Custom(Family):
     def check_space(self, spec: StudySpec) -> None:
         return None  # only the user's function knows what it can build; a failure fails its trial
 
-
-def _training_names() -> set[str]:
-    from strata.spec import TRAINING_PARAMETERS
-
-    return set(TRAINING_PARAMETERS)

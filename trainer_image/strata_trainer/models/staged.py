@@ -10,7 +10,8 @@ statistics (and never updates them). `forward(x, start)` takes the output of the
 
 from __future__ import annotations
 
-from typing import Sequence
+from contextlib import contextmanager
+from typing import Iterator, Sequence
 
 import torch
 from torch import nn
@@ -95,33 +96,38 @@ class StagedModel(nn.Module):
     def unit_flops(self, input_shape: tuple[int, int, int]) -> list[float]:
         """Forward FLOPs per image of each unit, then of the head (last entry), counted by torch."""
         if self._flops is None:
-            was_training = [m.training for m in self.modules()]
-            self.eval()
             flops, x = [], torch.zeros(1, *input_shape, device=next(self.parameters()).device)
-            with torch.no_grad():
+            with self._probing():
                 for module in (*self.units, self.head):
                     counter = FlopCounterMode(display=False)
                     with counter:
                         x = module(x)
                     flops.append(float(counter.get_total_flops()))
-            for module, training in zip(self.modules(), was_training):
-                module.training = training
             self._flops = flops
         return self._flops
 
     def describe_units(self, input_shape: tuple[int, int, int]) -> list[DescribedUnit]:
         """Units as the signature sees them when no torch-free description exists (family custom)."""
-        was_training = [m.training for m in self.modules()]
-        self.eval()
         described, x = [], torch.zeros(1, *input_shape)
-        with torch.no_grad():
+        with self._probing():
             for unit in self.units:
                 x = unit(x)
                 tensors = tuple((name, tuple(t.shape)) for name, t in unit.state_dict().items())
                 described.append(DescribedUnit(text=repr(unit), tensors=tensors, shape=tuple(x.shape[1:])))
-        for module, training in zip(self.modules(), was_training):
-            module.training = training
         return described
+
+    @contextmanager
+    def _probing(self) -> Iterator[None]:
+        """One image through the network without changing it: eval mode (batch norm statistics stay),
+        no gradients, and every module's train/eval flag restored after."""
+        was_training = [m.training for m in self.modules()]
+        self.eval()
+        try:
+            with torch.no_grad():
+                yield
+        finally:
+            for module, training in zip(self.modules(), was_training):
+                module.training = training
 
 
 def estimate_seconds_saved(flops: list[float], frozen: int, cached: bool, epochs_run: int, scratch_epochs: int,
