@@ -413,10 +413,11 @@ def granted(docs: list[dict[str, Any]]) -> set[tuple[str, str, str]]:
 # strata.kube.api's own calls (all core group), from its declaration.
 OPERATOR_CALLS = {("", resource, verb) for resource, verb in kube_api.VERBS_USED}
 # Kopf: list+watch the custom resource, patch it (finalizer, progress annotations) and its status,
-# and POST core v1 Events (kopf.info/kopf.warn). --standalone: no peering objects.
+# POST core v1 Events (kopf.info/kopf.warn), and watch the study-labelled pods (the study driver
+# patches the status too). --standalone: no peering objects.
 KOPF_NEEDS = {
     (API_GROUP, "hpostudies", "list"), (API_GROUP, "hpostudies", "watch"), (API_GROUP, "hpostudies", "patch"),
-    (API_GROUP, "hpostudies/status", "patch"), ("", "events", "create"),
+    (API_GROUP, "hpostudies/status", "patch"), ("", "events", "create"), ("", "pods", "watch"),
 }
 # The operator disables Kopf's scanning (settings.scanning.disabled): no CRD watch, in either scope.
 KOPF_CLUSTER_NEEDS: set[tuple[str, str, str]] = set()

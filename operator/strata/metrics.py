@@ -89,6 +89,11 @@ class StrataMetrics:
         finally:
             self.reconcile_seconds.observe(time.perf_counter() - started)
 
+    def watch_operator(self, api: Any, wakeups: Any) -> None:
+        """Export what the operator itself sends and receives: Kubernetes API requests, SQL statements
+        to Optuna's database, and the pod events that woke a study."""
+        self.registry.register(_OperatorCollector(api, wakeups))
+
     def serve(self, port: int, addr: str = "0.0.0.0") -> None:
         start_http_server(port, addr=addr, registry=self.registry)
 
@@ -154,6 +159,27 @@ class _SnapshotCollector:
             by_phase.add_metric([p], n)
         yield from (by_phase, phase, trials, retries, current, best, best_test, max_trials, reused_trials, reused_layers, saved, load_failures,
                     objects, size, duration, up, down_calls)
+
+
+class _OperatorCollector:
+    def __init__(self, api: Any, wakeups: Any):
+        self.api, self.wakeups = api, wakeups
+
+    def collect(self):
+        from strata.study import sql_statements
+
+        requests = CounterMetricFamily("strata_kube_api_requests", "Kubernetes API requests the operator's "
+                                       "reconciles sent (Kopf's own watches and patches not included).",
+                                       labels=["resource", "verb"])
+        for (resource, verb), n in sorted(dict(self.api.calls).items()):
+            requests.add_metric([resource, verb], n)
+        statements = CounterMetricFamily("strata_optuna_sql_statements", "SQL statements the operator sent to "
+                                         "Optuna's database.")
+        statements.add_metric([], sql_statements())
+        wakeups = CounterMetricFamily("strata_reconcile_wakeups", "Pod events and spec changes that woke a study's "
+                                      "reconcile before its timer.")
+        wakeups.add_metric([], self.wakeups.woken)
+        yield from (requests, statements, wakeups)
 
 
 def _buckets(values: list[float]) -> list[tuple[str, float]]:

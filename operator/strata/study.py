@@ -10,6 +10,7 @@ import hashlib
 import importlib.util
 import json
 import logging
+import threading
 import warnings
 from pathlib import Path
 from typing import Any
@@ -101,7 +102,9 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
                 engine_kwargs["connect_args"] = {option: timeout}
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-            return optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+            storage = optuna.storages.RDBStorage(url, engine_kwargs=engine_kwargs, skip_compatibility_check=False)
+        _count_statements(storage.engine)
+        return storage
     except StorageError as error:
         if scrub(str(error), url) == str(error):
             raise
@@ -111,6 +114,35 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         first = text.splitlines()[0] if text else type(error).__name__
         # The driver or SQLAlchemy may echo the URL or its parts: scrub them from the one line.
         raise StorageError(scrub(f"cannot open Optuna storage {redact_url(url)}: {first}", url)) from error
+
+
+_statement_lock = threading.Lock()
+_statement_total = 0
+
+
+def _count_statements(engine: Any) -> None:
+    import sqlalchemy
+
+    def counted(*_: Any) -> None:
+        global _statement_total
+        with _statement_lock:
+            _statement_total += 1
+
+    sqlalchemy.event.listen(engine, "before_cursor_execute", counted)
+
+
+def sql_statements() -> int:
+    """SQL statements this process has sent to Optuna databases (storage calls that left the process)."""
+    return _statement_total
+
+
+def cached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
+    """Optuna's own read cache over an RDB storage, as `optuna.create_study(storage=RDBStorage(...))`
+    adds it: finished trials are read once, and each later read fetches only the unfinished and the
+    new trials. A wrapper (TimedStorage, RetryingStorage) hides the RDBStorage from Optuna, which then
+    skips the cache and reads every trial on every call: cache first, then wrap. Safe because no one
+    writes to a trial after it finished (trainers set their attrs before they tell)."""
+    return optuna.storages.get_storage(storage)
 
 
 def redact(url: str) -> str:

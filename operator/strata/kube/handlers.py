@@ -1,6 +1,8 @@
-"""Kopf handlers: registration and wiring only; StudyService does the work.
+"""Kopf handlers: registration and wiring only; StudyService does the work, StudyDriver says when.
 
 Run with `kopf run -m strata.kube.handlers --all-namespaces` (or `python -m strata.kube`).
+Each HPOStudy has a daemon that reconciles it when its trainer pods change (Kopf watches the pods
+with the study label) and otherwise on a slow timer (strata.kube.driver).
 """
 
 from __future__ import annotations
@@ -10,17 +12,16 @@ import os
 
 import kopf
 
+from strata.kube import builders
 from strata.kube.api import KubeApi
+from strata.kube.driver import StudyDriver, Wakeups, on_pod_event
+from strata.kube.pod_index import IndexedKubeApi, PodIndex
 from strata.metrics import StrataMetrics
-from strata.kube.reconcile import ReconcileResult, SettingsError, StudyService, settings_from_env
+from strata.kube.reconcile import SettingsError, StudyService, settings_from_env
 from strata.spec import API_GROUP, API_VERSION
 
 RESOURCE = (API_GROUP, API_VERSION, "hpostudies")
 FINALIZER = f"{API_GROUP}/finalizer"
-RECONCILE_SECONDS = float(os.environ.get("STRATA_RECONCILE_SECONDS", "5"))
-# Studies in worker pods reconcile more often: each worker pod holds one queued trial beyond those it
-# runs, and a reconcile refills it, so short trials never leave a warm pod waiting for work.
-WORKER_RECONCILE_SECONDS = float(os.environ.get("STRATA_WORKER_RECONCILE_SECONDS", "1"))
 log = logging.getLogger("strata.operator")
 
 
@@ -49,8 +50,8 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
     settings.posting.level = logging.INFO
     settings.scanning.disabled = True  # the CRD is installed first (Helm crds/); no CRD watch RBAC needed
     settings.watching.server_timeout = 60
-    # A delete that lands while the (threaded, uncancellable) reconcile timer runs waits for it to exit;
-    # Kopf's default re-check is 60 s, which held `kubectl delete` for a minute. The timer exits in ~1 s.
+    # A delete waits for the study's daemon to exit (after the reconcile it may be running); Kopf's
+    # default re-check is 60 s, which held `kubectl delete` for a minute. The daemon exits in ~1 s.
     settings.background.cancellation_polling = 1.0
     metrics = StrataMetrics()
     port = int(os.environ.get("STRATA_METRICS_PORT", "9090"))
@@ -60,52 +61,44 @@ def configure(settings: kopf.OperatorSettings, memo: kopf.Memo, **_) -> None:
         operator_settings = settings_from_env()
     except SettingsError as error:  # a bad Helm value: stop at start with one line naming it
         raise kopf.PermanentError(str(error)) from None
-    memo.service = StudyService(KubeApi(), operator_settings, metrics=metrics)
+    api = KubeApi()
+    memo.pods = PodIndex()
+    memo.wakeups = Wakeups()
+    memo.service = StudyService(IndexedKubeApi(api, memo.pods), operator_settings, metrics=metrics)
+    try:
+        memo.driver = StudyDriver.from_env(memo.service, api, memo.wakeups)
+    except ValueError as error:
+        raise kopf.PermanentError(str(error)) from None
+    metrics.watch_operator(api, memo.wakeups)
 
 
-def _apply(result: ReconcileResult, body: kopf.Body, patch: kopf.Patch) -> None:
-    # Events are already posted by the service, each named by its happening (so never twice).
-    if result.status != dict(body.get("status") or {}):
-        patch.status.update(result.status)
-
-
-def _reconcile(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch) -> None:
-    meta = body["metadata"]
-    result = memo.service.reconcile(meta["namespace"], meta["name"], meta["uid"], dict(body.get("spec") or {}),
-                                    dict(body.get("status") or {}), meta.get("generation"))
-    _apply(result, body, patch)
+@kopf.on.cleanup()
+def close(memo: kopf.Memo, **_) -> None:
+    if getattr(memo, "driver", None) is not None:
+        memo.driver.close()
 
 
 @kopf.on.create(*RESOURCE)
 @kopf.on.resume(*RESOURCE)
 @kopf.on.update(*RESOURCE, field="spec")
-def on_spec(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
-    """Validate and start at once (the timer keeps it going); spec changes apply live."""
-    _reconcile(memo, body, patch)
+def on_spec(memo: kopf.Memo, body: kopf.Body, **_) -> None:
+    """A new or changed spec: its study's daemon reconciles at once (spec changes apply live)."""
+    memo.driver.wake_study(body["metadata"]["namespace"], body["metadata"]["name"])
 
 
-def _in_worker_pods(spec: kopf.Spec, **_) -> bool:
-    return (spec.get("execution") or {}).get("mode", "warmWorkers") == "warmWorkers"
+@kopf.daemon(*RESOURCE, cancellation_timeout=30.0)
+async def drive(memo: kopf.Memo, body: kopf.Body, stopped: kopf.DaemonStopped, **_) -> None:
+    await memo.driver.drive(body, stopped)
 
 
-def _in_trial_pods(spec: kopf.Spec, **kwargs) -> bool:
-    return not _in_worker_pods(spec, **kwargs)
-
-
-# backoff: an unexpected error retries at the reconcile pace, not after Kopf's default minute.
-@kopf.timer(*RESOURCE, interval=RECONCILE_SECONDS, initial_delay=1.0, sharp=False, backoff=RECONCILE_SECONDS,
-            when=_in_trial_pods)
-def on_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
-    _reconcile(memo, body, patch)
-
-
-@kopf.timer(*RESOURCE, interval=WORKER_RECONCILE_SECONDS, initial_delay=1.0, sharp=False,
-            backoff=WORKER_RECONCILE_SECONDS, when=_in_worker_pods)
-def on_worker_timer(memo: kopf.Memo, body: kopf.Body, patch: kopf.Patch, **_) -> None:
-    _reconcile(memo, body, patch)
+@kopf.on.event("", "v1", "pods", labels={builders.LABEL_STUDY: kopf.PRESENT})
+async def on_pod(memo: kopf.Memo, event: kopf.RawEvent, **_) -> None:
+    """A trainer, worker or data check pod changed: keep the index, wake its study if it matters."""
+    on_pod_event(memo.pods, memo.wakeups, event.get("type"), event["object"])
 
 
 @kopf.on.delete(*RESOURCE)
 def on_delete(memo: kopf.Memo, body: kopf.Body, **_) -> None:
     meta = body["metadata"]
     memo.service.delete(meta["namespace"], meta["name"], dict(body.get("spec") or {}))
+    memo.pods.forget(meta["namespace"], builders.study_label(meta["name"]))

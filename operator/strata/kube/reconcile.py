@@ -41,7 +41,7 @@ from strata.spec import (
 from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
-    ATTR_DATA_CHECK, build_pruner, build_sampler, create_or_load_study, data_check_key, open_storage, redact,
+    ATTR_DATA_CHECK, build_pruner, build_sampler, cached, create_or_load_study, data_check_key, open_storage, redact,
 )
 
 log = logging.getLogger(__name__)
@@ -212,19 +212,19 @@ class StudyService:
     def runtime(self, namespace: str, name: str, spec: StudySpec) -> StudyRuntime:
         key = builders.optuna_study_name(namespace, name)
         spec_json = json.dumps(spec_to_json(spec), sort_keys=True)
-        cached = self._studies.get(key)
-        if cached is not None and cached.spec_json == spec_json:
-            return cached
+        known = self._studies.get(key)
+        if known is not None and known.spec_json == spec_json:
+            return known
         url = self._database_url_for(namespace, spec)
-        storage = self._storages.get(url) or TimedStorage(open_storage(url), self.metrics.storage_seconds)
+        storage = self._storages.get(url) or TimedStorage(cached(open_storage(url)), self.metrics.storage_seconds)
         self._storages[url] = storage
         # The trainer pods read the spec from the study: pin where checkpoints live.
         checkpoints = spec.storage.checkpoints or self.settings.checkpoints
         endpoint = spec.storage.s3_endpoint or self.settings.s3_endpoint
         pinned = spec.model_copy(update={"storage": spec.storage.model_copy(
             update={"checkpoints": checkpoints, "s3_endpoint": endpoint})})
-        study = cached.study if cached is not None else create_or_load_study(pinned, key, storage)
-        if cached is not None:
+        study = known.study if known is not None else create_or_load_study(pinned, key, storage)
+        if known is not None:
             create_or_load_study(pinned, key, storage)  # records the changed spec (live update)
             study.sampler, study.pruner = build_sampler(pinned), build_pruner(pinned)  # a changed sampler applies too
         registry = self._registry_for(namespace, spec) if spec.reuse.enabled else None
