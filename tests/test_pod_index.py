@@ -1,0 +1,151 @@
+"""The watch-fed pod index (strata.kube.pod_index) and the study wake-ups (strata.kube.driver)."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from strata.kube import builders
+from strata.kube.api import KubeApi
+from strata.kube.driver import StudyDriver, Wakeups, on_pod_event
+from strata.kube.pod_index import IndexedKubeApi, PodIndex, slim
+from tests.k8s.fixtures import k8s_api  # noqa: F401
+
+STUDY = "fates"
+
+
+def pod(name: str, version: int | None, phase: str = "Running", study: str = STUDY, **annotations: str) -> dict:
+    meta = {"name": name, "namespace": "default", "labels": {builders.LABEL_STUDY: study},
+            "annotations": dict(annotations), "managedFields": [{"big": "x" * 100}]}
+    if version is not None:
+        meta["resourceVersion"] = str(version)
+    return {"metadata": meta, "spec": {"containers": [{"name": "trainer"}]}, "status": {"phase": phase}}
+
+
+class Clock:
+    def __init__(self) -> None:
+        self.now = 100.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def synced_index(clock: Clock | None = None) -> PodIndex:
+    index = PodIndex(resync_seconds=60, clock=clock or Clock())
+    index.replace("default", STUDY, [], started=index.clock())
+    return index
+
+
+def test_a_study_is_listed_for_real_first_and_again_after_the_resync_time():
+    clock = Clock()
+    index = PodIndex(resync_seconds=60, clock=clock)
+    assert index.pods("default", STUDY) is None  # never listed: the caller lists
+    index.replace("default", STUDY, [pod("a", 5)], started=clock())
+    assert [p["metadata"]["name"] for p in index.pods("default", STUDY)] == ["a"]
+    clock.now += 61
+    assert index.pods("default", STUDY) is None
+
+
+def test_the_newest_resource_version_wins_so_a_late_watch_event_cannot_undo_the_operators_patch():
+    index = synced_index()
+    index.observe("ADDED", pod("a", 5, "Running"))
+    index.put(pod("a", 9, "Succeeded", **{builders.ANNOTATION_REPORTED: "true"}))  # the patch's answer
+    assert index.observe("MODIFIED", pod("a", 7, "Succeeded")) is False  # sent before the patch
+    (kept,) = index.pods("default", STUDY)
+    assert kept["metadata"]["annotations"] == {builders.ANNOTATION_REPORTED: "true"}
+
+
+def test_only_what_a_reconcile_reads_is_kept():
+    kept = slim(pod("a", 5))
+    assert "spec" not in kept and "managedFields" not in kept["metadata"]
+    assert kept["status"] == {"phase": "Running"} and kept["metadata"]["labels"] == {builders.LABEL_STUDY: STUDY}
+
+
+def test_phase_changes_and_deletions_matter_other_changes_do_not():
+    index = synced_index()
+    assert index.observe("ADDED", pod("a", 1, "Pending")) is True  # a new pod
+    assert index.observe("MODIFIED", pod("a", 2, "Pending")) is False  # same phase
+    assert index.observe("MODIFIED", pod("a", 3, "Succeeded")) is True
+    assert index.observe("DELETED", pod("a", 4, "Succeeded")) is True
+    assert index.pods("default", STUDY) == []
+
+
+def test_the_answer_to_a_delete_never_brings_back_a_pod_the_watch_saw_go():
+    index = synced_index()
+    index.observe("ADDED", pod("a", 1))
+    index.observe("DELETED", pod("a", 3))
+    index.put(pod("a", 2))  # the delete's answer, slower than the watch
+    assert index.pods("default", STUDY) == []
+    index.put(pod("a", 8))  # a new pod of that name (a trial pod replaced) is a new object
+    assert len(index.pods("default", STUDY)) == 1
+
+
+def test_a_list_keeps_what_was_written_after_it_began():
+    clock = Clock()
+    index = synced_index(clock)
+    started = clock()
+    clock.now += 1
+    index.put(pod("new", 10))  # created while the list was on its way
+    merged = index.replace("default", STUDY, [pod("old", 3)], started=started)
+    assert sorted(p["metadata"]["name"] for p in merged) == ["new", "old"]
+    clock.now += 1
+    stale = index.replace("default", STUDY, [pod("old", 3)], started=clock())
+    assert [p["metadata"]["name"] for p in stale] == ["old"]  # gone from a list begun after it was seen
+
+
+def test_the_indexed_api_lists_once_then_answers_from_the_watch_and_its_own_writes(k8s_api):
+    api = KubeApi(k8s_api.kubernetes_client())
+    index = PodIndex()
+    indexed = IndexedKubeApi(api, index)
+    selector = builders.study_selector(STUDY)
+    assert indexed.list_pods("default", selector) == []
+    created = indexed.create_pod({"apiVersion": "v1", "kind": "Pod",
+                                  "metadata": {"name": "p1", "namespace": "default",
+                                               "labels": {builders.LABEL_STUDY: STUDY}},
+                                  "spec": {"containers": [{"name": "c", "image": "x"}]}})
+    assert created and created["metadata"]["resourceVersion"]
+    assert [p["metadata"]["name"] for p in indexed.list_pods("default", selector)] == ["p1"]
+    indexed.annotate_pod("default", "p1", {builders.ANNOTATION_REPORTED: "true"})
+    (seen,) = indexed.list_pods("default", selector)
+    assert seen["metadata"]["annotations"][builders.ANNOTATION_REPORTED] == "true"
+    assert api.calls["pods", "list"] == 1  # one real list; the rest came from the index
+    assert indexed.list_pods("default", "app=other") == [] and api.calls["pods", "list"] == 2  # other selectors: the API
+
+
+def test_secrets_are_kept_for_the_cache_time_and_a_missing_key_is_read_again(k8s_api):
+    from tests.e2e.conftest import secret
+
+    k8s_api.create("secrets", secret("db", {"url": "postgresql://a"}))
+    api = KubeApi(k8s_api.kubernetes_client(), secret_seconds=30)
+    assert api.read_secret_key("default", "db", "url") == "postgresql://a"
+    assert api.read_secret_key("default", "db", "url") == "postgresql://a"
+    assert api.calls["secrets", "get"] == 1
+    k8s_api.patch("secrets", "db", {"data": {"other": "eA=="}})
+    assert api.read_secret_key("default", "db", "other") == "x"  # a key not kept: read again at once
+    assert api.calls["secrets", "get"] == 2
+    fresh = KubeApi(k8s_api.kubernetes_client(), secret_seconds=0)
+    fresh.read_secret_key("default", "db", "url")
+    fresh.read_secret_key("default", "db", "url")
+    assert fresh.calls["secrets", "get"] == 2  # 0: no cache
+
+
+def test_a_pod_event_that_matters_wakes_only_its_own_study():
+    async def scenario() -> tuple[bool, bool, int]:
+        wakeups = Wakeups()
+        mine, other = wakeups.register("default", STUDY), wakeups.register("default", "other")
+        index = synced_index()
+        on_pod_event(index, wakeups, "ADDED", pod("a", 1, "Running"))
+        mine.clear()
+        on_pod_event(index, wakeups, "MODIFIED", pod("a", 2, "Running"))  # nothing changed that matters
+        quiet = not mine.is_set()
+        on_pod_event(index, wakeups, "MODIFIED", pod("a", 3, "Succeeded"))
+        return quiet, mine.is_set() and not other.is_set(), wakeups.woken
+    quiet, woken, count = asyncio.run(scenario())
+    assert quiet and woken and count == 2
+
+
+@pytest.mark.parametrize("value", ["0", "-1", "soon"])
+def test_bad_reconcile_settings_name_the_variable(value):
+    with pytest.raises(ValueError, match="STRATA_RECONCILE_SECONDS"):
+        StudyDriver.from_env(None, None, Wakeups(), env={"STRATA_RECONCILE_SECONDS": value})
