@@ -230,6 +230,23 @@ def test_the_container_runs_the_trainer_module_for_its_study_and_trial():
     assert pod()["spec"]["restartPolicy"] == "Never"  # a failed attempt is retried as a new trial
 
 
+def test_the_operators_trainer_module_runs_in_every_trainer_worker_and_data_check_pod():
+    """strata_trainer.standin (load tests) replaces the trainer in each pod, and a worker pod passes it on
+    to the trainers it spawns; the default module adds nothing to the pod."""
+    settings = OperatorSettings(trainer_module="strata_trainer.standin")
+    study = spec()
+    pods = [pod(settings=settings),
+            builders.build_worker_pod(name="fashion", namespace="ml", uid=UID, gpu=False, token="a1", slots=2,
+                                      spec=study, settings=settings),
+            builders.build_data_check_pod(name="fashion", namespace="ml", uid=UID, spec=study, settings=settings)]
+    for manifest in pods:
+        assert container(manifest)["command"] == ["python", "-m", "strata_trainer.standin"]
+        assert env_of(manifest)["STRATA_TRAINER_MODULE"]["value"] == "strata_trainer.standin"
+    assert "STRATA_TRAINER_MODULE" not in env_of(pod())
+    with pytest.raises(ValueError, match="STRATA_TRAINER_MODULE: 'strata-trainer' is not a Python module name"):
+        OperatorSettings(trainer_module="strata-trainer")
+
+
 def test_the_spec_image_overrides_the_operators_and_a_trial_timeout_bounds_the_pod():
     study = spec(trainer={"image": "registry.local/trainer:2", "imagePullPolicy": "Always"},
                  trials={"max": 2, "timeoutSeconds": 300})

@@ -177,6 +177,8 @@ BAD_VALUES = {
     "two feature cache volumes": {"trainer": {"featureCacheVolume": {"hostPath": {"path": "/a"},
                                                                        "persistentVolumeClaim": {"claimName": "b"}}}},
     "zero feature cache bytes": {"trainer": {"featureCacheBytes": 0}},
+    "trainer module not a module name": {"trainer": {"module": "strata-trainer"}},
+    "trainer module with arguments": {"trainer": {"module": "strata_trainer --worker"}},
     "watched namespace not a DNS label": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["Team_A"]},
     "watched namespace with a dot": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["team.a"]},
     "watched namespace too long": {"rbac": {"scope": "namespace"}, "watchNamespaces": ["a" * 64]},
@@ -338,6 +340,19 @@ def test_node_pools_from_the_values_place_cpu_and_gpu_trainer_pods() -> None:
     assert placement(3) == ({"pool": "gpu"}, [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}])
     assert not any(n.startswith(("STRATA_GPU", "STRATA_CPU_N", "STRATA_CPU_T"))
                    for n in env_of(operator_container(manifests())))
+
+
+def test_the_trainer_module_value_becomes_the_command_of_trainer_pods() -> None:
+    """values -> STRATA_TRAINER_MODULE -> the module every trainer pod runs (the stand-in for load tests)."""
+    from pydantic import TypeAdapter
+
+    assert env_of(operator_container(manifests()))["STRATA_TRAINER_MODULE"]["value"] == "strata_trainer"
+    env = env_of(operator_container(manifests({"trainer": {"module": "strata_trainer.standin"}})))
+    module = TypeAdapter(builders.TrainerModule).validate_python(env["STRATA_TRAINER_MODULE"]["value"])
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    pod = builders.build_trial_pod(name="s", namespace=NAMESPACE, uid="uid-1", number=0, params={"convLayers": 2},
+                                   spec=spec, settings=builders.OperatorSettings(trainer_module=module))
+    assert pod["spec"]["containers"][0]["command"] == ["python", "-m", "strata_trainer.standin"]
 
 
 def test_a_node_shared_feature_cache_volume_reaches_the_trainer_pods() -> None:

@@ -230,9 +230,10 @@ def finished_in_logs(directory: Path) -> set[int]:
 @pytest.mark.parametrize("mode", list(MODES))
 def test_an_interrupted_study_resumes_without_losing_or_repeating_a_trial(tmp_path, mode):
     # Trials long enough to be interrupted in the middle even in a warm worker.
-    # (4 epochs: at 2, a trial seen running could finish before the SIGINT reached it, on a loaded machine.)
+    # (8 epochs: at 2 and at 4, a trial seen running could finish before the SIGINT reached it, on a
+    # loaded 2-core CI machine.)
     study_file = write_study(tmp_path, trials={"max": 5, "parallel": 2, "maxFailed": 0, "retries": 0},
-                             training={"subsetSize": 3000, "inputSize": 16, "epochs": 4, "epochsWhenReusing": 4,
+                             training={"subsetSize": 3000, "inputSize": 16, "epochs": 8, "epochsWhenReusing": 8,
                                        "earlyStopPatience": 0})
     run = subprocess.Popen([str(STRATA), "run", str(study_file), "--workers", "2", "--quiet", *MODES[mode]],
                            cwd=tmp_path,

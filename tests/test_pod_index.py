@@ -121,8 +121,8 @@ def test_secrets_are_kept_for_the_cache_time_and_a_missing_key_is_read_again(k8s
     assert api.read_secret_key("default", "db", "url") == "postgresql://a"
     assert api.read_secret_key("default", "db", "url") == "postgresql://a"
     assert api.calls["secrets", "get"] == 1
-    k8s_api.patch("secrets", "db", {"data": {"other": "eA=="}})
-    assert api.read_secret_key("default", "db", "other") == "x"  # a key not kept: read again at once
+    k8s_api.patch("secrets", "db", {"data": {"other": "cG9kLWluZGV4LXRlc3QtdmFsdWU="}})
+    assert api.read_secret_key("default", "db", "other") == "pod-index-test-value"  # a key not kept: read again at once
     assert api.calls["secrets", "get"] == 2
     fresh = KubeApi(k8s_api.kubernetes_client(), secret_seconds=0)
     fresh.read_secret_key("default", "db", "url")

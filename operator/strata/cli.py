@@ -77,6 +77,10 @@ def check_data_once(spec, storage_url: str, name: str, checker=None) -> dict | N
         except RuntimeError as error:
             raise UsageError(f"spec.training: the data check could not run: {error}") from None
     else:
+        from strata.executors import DEFAULT_TRAINER_MODULE, trainer_module
+
+        if trainer_module() != DEFAULT_TRAINER_MODULE:
+            return None  # another trainer (the stand-in) does not load data the way this check would
         try:
             from strata_trainer.datacheck import verdict_for
         except ImportError:  # an operator-only install has no trainer: its trials would say it
@@ -108,7 +112,7 @@ def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
 
 def cmd_run(args: argparse.Namespace) -> int:
     from strata.families import check_space_fits_input
-    from strata.executors import LocalProcessExecutor
+    from strata.executors import LocalProcessExecutor, trainer_module
     from strata.workers import WarmWorkerExecutor
     from strata.objectstore import ObjectStoreError, open_object_store
     from strata.redaction import redact
@@ -137,6 +141,10 @@ def cmd_run(args: argparse.Namespace) -> int:
     features = os.environ.get("STRATA_FEATURE_CACHE_DIR") or \
         str(Path(args.study_file).resolve().parent / f"{name}.features")
     threads, env = max(1, cores // parallel), {"STRATA_FEATURE_CACHE_DIR": features}
+    try:
+        trainer_module()
+    except ValueError as error:  # before any worker starts: one line, nothing written
+        raise UsageError(str(error)) from None
     executor: WarmWorkerExecutor | LocalProcessExecutor
     if spec.execution.mode == "warmWorkers":
         # Started first: the workers import torch while this process checks the inputs, and the

@@ -5,6 +5,7 @@ An executor only starts, watches and stops workers; the scheduler decides what r
 
 from __future__ import annotations
 
+import keyword
 import os
 import signal
 import subprocess
@@ -40,17 +41,37 @@ class LocalExecutor(Executor, Protocol):
 
 
 STORAGE_ENV = "STRATA_STORAGE_URL"  # where the trainer reads its storage URL by default
+# `python -m MODULE` is the trainer: strata_trainer.standin puts the torch-free stand-in behind the
+# same command line and protocols, for load tests of the scheduler and the operator.
+TRAINER_MODULE_ENV = "STRATA_TRAINER_MODULE"
+DEFAULT_TRAINER_MODULE = "strata_trainer"
+
+
+def check_trainer_module(name: str, variable: str | None = TRAINER_MODULE_ENV) -> str:
+    """A dotted Python module name, or ValueError naming the variable it came from: it becomes argv
+    of every trainer, and a typo would otherwise fail each trial with "No module named"."""
+    if not name or not all(part.isidentifier() and not keyword.iskeyword(part) for part in name.split(".")):
+        raise ValueError(f"{variable + ': ' if variable else ''}{name!r} is not a Python module name "
+                         f"(dotted identifiers, like strata_trainer.standin)")
+    return name
+
+
+def trainer_module(env: dict[str, str] | None = None) -> str:
+    """The trainer module of $STRATA_TRAINER_MODULE in `env` (default: this process's), checked."""
+    env = os.environ if env is None else env
+    return check_trainer_module(env.get(TRAINER_MODULE_ENV) or DEFAULT_TRAINER_MODULE)
 
 
 def trainer_command(storage_url: str | None, study_name: str, trial_number: int, checkpoints: str | None,
-                    python: str = "python") -> list[str]:
+                    python: str = "python", module: str | None = None) -> list[str]:
     """The one command a trial runs, in a local process or a trainer pod alike.
 
     storage_url None (what the executor and pods do): no --storage, the trainer reads
     $STRATA_STORAGE_URL. A URL given here lands in the process's argv, which anyone on the
     machine can read (`ps`), password included: pass it through the environment instead.
+    module None: $STRATA_TRAINER_MODULE, else strata_trainer.
     """
-    command = [python, "-m", "strata_trainer"]
+    command = [python, "-m", check_trainer_module(module) if module else trainer_module()]
     if storage_url:
         command += ["--storage", storage_url]
     command += ["--study", study_name, "--trial", str(trial_number)]
@@ -66,6 +87,7 @@ class LocalProcessExecutor:
         self.log_dir = Path(log_dir)
         self.threads = threads_per_trial
         self.env = env or {}
+        self.module = trainer_module({**os.environ, **self.env})
         self.grace = grace_seconds
         self._procs: dict[int, tuple[subprocess.Popen, float]] = {}
 
@@ -81,7 +103,7 @@ class LocalProcessExecutor:
         with open(self.log_path(number), "ab") as log:
             # Own process group: Ctrl-C in the terminal reaches the runner, which stops workers itself.
             proc = subprocess.Popen(
-                trainer_command(None, self.study_name, number, self.checkpoints, sys.executable),
+                trainer_command(None, self.study_name, number, self.checkpoints, sys.executable, self.module),
                 stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env, start_new_session=True,
             )
         self._procs[number] = (proc, time.time())

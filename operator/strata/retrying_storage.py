@@ -84,3 +84,12 @@ class RetryingStorage:
             return call_with_retry(lambda: attr(*args, **kwargs), name, self._deadline)
 
         return retried
+
+
+def open_trial_storage(url: str) -> Any:
+    """A trainer's storage: the connection retried, then every call (a journal file has no outage to
+    ride out). Torch-free, for the trial, its warm worker, a worker pod and the stand-in trainer alike."""
+    from strata.study import open_storage
+
+    storage = call_with_retry(lambda: open_storage(url), "connect")
+    return storage if url.startswith("journal://") else RetryingStorage(storage)

@@ -1,10 +1,11 @@
 """Warm workers on one machine: the Executor protocol over long-lived trainer processes.
 
-Each worker (`python -m strata_trainer --worker`, strata_trainer.worker) imports torch once, keeps
-the storage and the dataset, and runs the trials this executor hands it one at a time, through the
-very code a trial process runs. The scheduler, its reuse-aware order, its retries, timeouts and
-failure budget see the same protocol as with LocalProcessExecutor: start a trial, poll for ended
-trials, stop one, stop all.
+Each worker (`python -m strata_trainer --worker`, strata_trainer.worker; $STRATA_TRAINER_MODULE
+names another module, as for trial processes) imports torch once, keeps the storage and the
+dataset, and runs the trials this executor hands it one at a time, through the very code a trial
+process runs. The scheduler, its reuse-aware order, its retries, timeouts and failure budget see
+the same protocol as with LocalProcessExecutor: start a trial, poll for ended trials, stop one,
+stop all.
 
 - A trial ends when its worker answers; the exit code means what a trial process's means.
 - A worker that dies (crash, kill, OOM) ends its trial with the process's return code, exactly as
@@ -34,7 +35,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import IO, Any
 
-from strata.executors import STORAGE_ENV, WorkerExit, _terminate
+from strata.executors import STORAGE_ENV, WorkerExit, _terminate, trainer_module
 
 
 @dataclass
@@ -60,6 +61,7 @@ class WarmWorkerExecutor:
         self.own_session = own_session
         self.threads, self.size = threads_per_trial, max(1, workers)
         self.env = env or {}
+        self.module = trainer_module({**os.environ, **self.env})  # checked here, not at each spawn
         self.grace = grace_seconds
         self._workers: list[_Worker] = []
         self._events: queue.Queue[tuple[_Worker, dict[str, Any] | None]] = queue.Queue()
@@ -90,7 +92,7 @@ class WarmWorkerExecutor:
         # carry a password) in the environment and never on the command line.
         env = {"OMP_WAIT_POLICY": "PASSIVE", **os.environ, **self.env, "STRATA_CPU_LIMIT": str(self.threads),
                "PYTHONUNBUFFERED": "1", STORAGE_ENV: self.storage_url}
-        proc = subprocess.Popen([sys.executable, "-m", "strata_trainer", "--worker"], stdin=subprocess.PIPE,
+        proc = subprocess.Popen([sys.executable, "-m", self.module, "--worker"], stdin=subprocess.PIPE,
                                 stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, start_new_session=self.own_session)
         worker = _Worker(index, proc)
         self._workers.append(worker)

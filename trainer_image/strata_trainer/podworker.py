@@ -37,10 +37,10 @@ TOLD = (0, 1, 3)  # exit codes of a trainer that told Optuna itself (complete, f
 
 
 def serve_pod(storage_url: str, study_name: str, pod_name: str, slots: int) -> int:
+    from strata.retrying_storage import open_trial_storage
     from strata_trainer.resources import cpu_limit, memory_limit
-    from strata_trainer.trial import TrialContext
 
-    storage = TrialContext().storage(storage_url)
+    storage = open_trial_storage(storage_url)
     try:
         study_id = storage.get_study_id_from_name(study_name)
     except KeyError:

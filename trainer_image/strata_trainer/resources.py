@@ -1,12 +1,17 @@
-"""What the trial may use: CPU threads and memory from the pod's limits (or the local runner's share)."""
+"""What the trial may use: CPU threads and memory from the pod's limits (or the local runner's share).
+
+torch is imported only where a device or threads are set: a worker pod reads its limits here
+without it (strata_trainer.podworker, the stand-in trainer)."""
 
 from __future__ import annotations
 
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import torch
+if TYPE_CHECKING:
+    import torch
 
 
 def cpu_limit() -> int:
@@ -36,6 +41,8 @@ def memory_limit() -> int | None:
 
 
 def pick_device(preference: str) -> torch.device:
+    import torch
+
     if preference == "cuda" or (preference == "auto" and torch.cuda.is_available()):
         if not torch.cuda.is_available():
             raise RuntimeError("spec.training.device is cuda but no GPU is visible in this pod")
@@ -44,6 +51,8 @@ def pick_device(preference: str) -> torch.device:
 
 
 def configure_threads() -> int:
+    import torch
+
     threads = cpu_limit()
     torch.set_num_threads(threads)
     return threads

@@ -19,10 +19,10 @@ from strata.study import (
     ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
     ATTR_REGISTRY_PUBLISH_FAILURES, ATTR_TRAINING_STARTED, ATTR_MODEL, ATTR_NUM_CLASSES, ATTR_TEST_ACCURACY, ATTR_TEST_LOSS,
-    ATTR_TEST_SECONDS, load_study, open_storage,
+    ATTR_TEST_SECONDS, load_study,
 )
 from strata.redaction import register_secret
-from strata.retrying_storage import RetryingStorage, call_with_retry
+from strata.retrying_storage import open_trial_storage
 from strata_trainer.checkpoints import prefix_from_bytes, prefix_to_bytes
 from strata_trainer.data import DatasetError, DatasetSplits, load_dataset
 from strata_trainer.features import SharedFeatureStore
@@ -46,8 +46,7 @@ class TrialContext:
 
     def storage(self, url: str) -> optuna.storages.BaseStorage:
         # A database restart mid-trial is waited out (strata.retrying_storage), not a failed trial.
-        storage = call_with_retry(lambda: open_storage(url), "connect")
-        return storage if url.startswith("journal://") else RetryingStorage(storage)
+        return open_trial_storage(url)
 
     def dataset(self, spec: StudySpec):
         return load_dataset(spec.training, spec.storage.s3_endpoint)

@@ -8,8 +8,11 @@ from __future__ import annotations
 import datetime as dt
 import hashlib
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import Annotated, Any, Sequence
 
+from pydantic import AfterValidator
+
+from strata.executors import DEFAULT_TRAINER_MODULE, TRAINER_MODULE_ENV, check_trainer_module
 from strata.health import Outage
 from strata.scheduler import Outcome, Progress
 from strata.spec import API_GROUP, API_VERSION, KIND, SecretKeyRef, StudySpec, Toleration
@@ -19,7 +22,9 @@ LABEL_TRIAL = f"{API_GROUP}/trial"
 LABEL_COMPONENT = "app.kubernetes.io/component"
 LABEL_WORKER = f"{API_GROUP}/worker"  # worker pods (spec.execution.mode warmWorkers): the pool, cpu or gpu
 ANNOTATION_REPORTED = f"{API_GROUP}/reported"
-TRAINER_COMMAND = ["python", "-m", "strata_trainer"]  # the trainer image's entrypoint module
+TRAINER_COMMAND = ["python", "-m", DEFAULT_TRAINER_MODULE]  # the trainer image's entrypoint module
+# OperatorSettings.trainer_module as settings_from_env parses it (a bad one names the variable once).
+TrainerModule = Annotated[str, AfterValidator(lambda name: check_trainer_module(name, None))]
 TRAINER_UID = 1000
 FEATURE_CACHE_MOUNT = "/var/cache/strata-features"
 
@@ -45,6 +50,12 @@ class OperatorSettings:
     feature_cache_bytes: int | None = None
     # Check each study's data once in a trainer pod before its first trial (strata_trainer.datacheck).
     check_data: bool = True
+    # `python -m MODULE` in every trainer, worker and data-check pod: strata_trainer.standin is the
+    # torch-free stand-in for load tests (same image, same arguments, same protocols).
+    trainer_module: str = DEFAULT_TRAINER_MODULE
+
+    def __post_init__(self) -> None:
+        check_trainer_module(self.trainer_module)
 
 
 def optuna_study_name(namespace: str, name: str) -> str:
@@ -202,6 +213,8 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
     if gpu:
         resources["limits"]["nvidia.com/gpu"] = str(trainer.gpu.count)
     env: list[dict[str, Any]] = []
+    if settings.trainer_module != DEFAULT_TRAINER_MODULE:  # a worker pod spawns its trainers by this name
+        env.append({"name": TRAINER_MODULE_ENV, "value": settings.trainer_module})
     database = trainer_database(spec, settings)
     if isinstance(database, SecretKeyRef):
         env.append({"name": "STRATA_STORAGE_URL", "valueFrom": {"secretKeyRef": {"name": database.name, "key": database.key}}})
@@ -244,7 +257,7 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
             "name": "trainer",
             "image": trainer.image or settings.trainer_image,
             "imagePullPolicy": trainer.image_pull_policy,
-            "command": list(TRAINER_COMMAND),
+            "command": ["python", "-m", settings.trainer_module],
             "args": args,
             "env": env,
             "resources": resources,

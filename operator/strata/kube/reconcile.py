@@ -95,6 +95,7 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         checkpoints=env.get("STRATA_CHECKPOINTS") or None,
         s3_endpoint=env.get("STRATA_S3_ENDPOINT") or None,
         check_data=(env.get("STRATA_DATA_CHECK") or "true").lower() not in ("0", "false", "no", "off"),
+        trainer_module=parsed("STRATA_TRAINER_MODULE", builders.TrainerModule, builders.DEFAULT_TRAINER_MODULE),
     )
 
 
@@ -135,6 +136,7 @@ class StudyService:
         self._database_url = database_url
         self._studies: dict[str, StudyRuntime] = {}
         self._storages: dict[str, optuna.storages.BaseStorage] = {}
+        self._storage_lock = threading.Lock()  # (a new database's tables are created by the first open)
         self._locks: dict[str, threading.Lock] = {}  # the create handler and the timer may overlap
         self._health: dict[str, DependencyHealth] = {}  # per study: its database, registry, pod creation
         self._probed: dict[str, float] = {}  # per study: when its registry was last checked
@@ -216,8 +218,11 @@ class StudyService:
         if known is not None and known.spec_json == spec_json:
             return known
         url = self._database_url_for(namespace, spec)
-        storage = self._storages.get(url) or TimedStorage(cached(open_storage(url)), self.metrics.storage_seconds)
-        self._storages[url] = storage
+        with self._storage_lock:  # one storage per database, opened once: studies reconcile in parallel
+            storage = self._storages.get(url)
+            if storage is None:
+                storage = TimedStorage(cached(open_storage(url)), self.metrics.storage_seconds)
+                self._storages[url] = storage
         # The trainer pods read the spec from the study: pin where checkpoints live.
         checkpoints = spec.storage.checkpoints or self.settings.checkpoints
         endpoint = spec.storage.s3_endpoint or self.settings.s3_endpoint
