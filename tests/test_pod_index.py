@@ -149,3 +149,45 @@ def test_a_pod_event_that_matters_wakes_only_its_own_study():
 def test_bad_reconcile_settings_name_the_variable(value):
     with pytest.raises(ValueError, match="STRATA_RECONCILE_SECONDS"):
         StudyDriver.from_env(None, None, Wakeups(), env={"STRATA_RECONCILE_SECONDS": value})
+
+
+def test_a_pass_reads_the_studys_trials_once_and_again_only_after_its_own_writes(tmp_path):
+    """PassSnapshot in one_pass(): get_all_trials served from the pass's first read until the pass writes;
+    another process's change shows at the next pass; outside a pass every read goes to the storage."""
+    import optuna
+    from optuna.trial import TrialState
+
+    from strata.study import PassSnapshot, one_pass, open_storage
+
+    class Counting:
+        def __init__(self, storage):
+            self.storage, self.reads = storage, 0
+
+        def __getattr__(self, name):
+            return getattr(self.storage, name)
+
+        def get_all_trials(self, *args, **kwargs):
+            self.reads += 1
+            return self.storage.get_all_trials(*args, **kwargs)
+
+    url = f"journal://{tmp_path / 's.journal'}"
+    counting = Counting(open_storage(url))
+    study = optuna.create_study(study_name="s", storage=PassSnapshot(counting))
+    other = optuna.load_study(study_name="s", storage=open_storage(url))  # another process: a trainer
+    study.enqueue_trial({"x": 1.0})
+    with one_pass():
+        first = study.get_trials(deepcopy=False)
+        assert study.get_trials(states=(TrialState.WAITING,)) == first and counting.reads == 1
+        other.tell(other.ask({"x": optuna.distributions.FloatDistribution(0, 2)}), 0.5)
+        assert len(study.get_trials()) == 1 and counting.reads == 1  # a snapshot within the pass
+        trial = study.ask({"x": optuna.distributions.FloatDistribution(0, 2)})  # the pass writes
+        trials = study.get_trials(deepcopy=False)
+        # read again, all of it: the other's trial (the enqueued one) and this pass's
+        assert [t.state for t in trials] == [TrialState.COMPLETE, TrialState.RUNNING]
+        assert trials[0].params == {"x": 1.0} and trial.number == 1
+        reads = counting.reads
+        study.get_trials()
+        assert counting.reads == reads
+    study.get_trials()
+    study.get_trials()
+    assert counting.reads == reads + 2  # outside a pass: no snapshot

@@ -6,6 +6,8 @@ storage URL, the study name and a trial number to run a trial.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import importlib.util
 import json
@@ -13,7 +15,7 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -143,6 +145,64 @@ def cached(storage: optuna.storages.BaseStorage) -> optuna.storages.BaseStorage:
     skips the cache and reads every trial on every call: cache first, then wrap. Safe because no one
     writes to a trial after it finished (trainers set their attrs before they tell)."""
     return optuna.storages.get_storage(storage)
+
+
+_PASS = threading.local()  # the reads of the reconcile pass running in this thread (one_pass)
+
+
+@contextlib.contextmanager
+def one_pass() -> Iterator[None]:
+    """A reconcile pass: while it runs in this thread, PassSnapshot storages read each study's trials
+    once, then again only after this pass wrote to them. Nested: the outer pass goes on."""
+    outer = getattr(_PASS, "reads", None)
+    _PASS.reads = {} if outer is None else outer
+    try:
+        yield
+    finally:
+        _PASS.reads = outer
+
+
+class PassSnapshot:
+    """A storage wrapper: within one_pass() (one reconcile pass, in its own thread), every
+    `get_all_trials` of a study after the first is served from what that first read returned, until
+    the pass itself writes (a new trial, a param, an attr, a state: then the next read goes to the
+    storage again). Outside a pass it passes every call through.
+
+    Why: one reconcile asks for the study's trials about twelve times (the scheduler's plan, each
+    ask's samplers, the pod executor, the status); even with Optuna's cache each of those re-reads
+    every RUNNING trial (seven SQL statements). Other processes' changes (a trainer telling its
+    trial) are seen by the next pass, as if they had come a moment later; single trials
+    (`get_trial`, what the scheduler reads when a trainer exits) always go to the storage."""
+
+    _WRITES = frozenset({"create_new_trial", "set_trial_param", "set_trial_state_values",
+                         "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr"})
+
+    def __init__(self, storage: Any):
+        self._storage = storage
+
+    def __getattr__(self, name: str) -> Any:
+        attr = getattr(self._storage, name)
+        if name not in self._WRITES:
+            return attr
+
+        def write(*args: Any, **kwargs: Any) -> Any:
+            reads = getattr(_PASS, "reads", None)
+            if reads:
+                reads.clear()  # a pass reconciles one study: what it wrote is read again
+            return attr(*args, **kwargs)
+        return write
+
+    def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
+        reads = getattr(_PASS, "reads", None)
+        if reads is None:
+            return self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        key = (id(self), study_id)
+        trials = reads.get(key)
+        if trials is None:
+            trials = reads[key] = self._storage.get_all_trials(study_id, deepcopy=False)
+        if states is not None:
+            trials = [t for t in trials if t.state in states]
+        return copy.deepcopy(trials) if deepcopy else list(trials)
 
 
 def redact(url: str) -> str:

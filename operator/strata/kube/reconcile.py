@@ -42,6 +42,7 @@ from strata.metrics import StrataMetrics, StudySnapshot, TimedStorage
 from strata.study import (
     ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_RETRY_OF, ATTR_REUSED_LAYERS, ATTR_TRAIN_SECONDS, StorageError,
     ATTR_DATA_CHECK, build_pruner, build_sampler, cached, create_or_load_study, data_check_key, open_storage, redact,
+    PassSnapshot, one_pass,
 )
 
 log = logging.getLogger(__name__)
@@ -221,7 +222,7 @@ class StudyService:
         with self._storage_lock:  # one storage per database, opened once: studies reconcile in parallel
             storage = self._storages.get(url)
             if storage is None:
-                storage = TimedStorage(cached(open_storage(url)), self.metrics.storage_seconds)
+                storage = PassSnapshot(TimedStorage(cached(open_storage(url)), self.metrics.storage_seconds))
                 self._storages[url] = storage
         # The trainer pods read the spec from the study: pin where checkpoints live.
         checkpoints = spec.storage.checkpoints or self.settings.checkpoints
@@ -267,7 +268,7 @@ class StudyService:
         or on a dependency that is down (that is a condition and an Event, and the next pass tries again)."""
         key = builders.optuna_study_name(namespace, name)
         lock = self._locks.setdefault(key, threading.Lock())
-        with lock, self.metrics.reconcile(namespace, name):
+        with lock, self.metrics.reconcile(namespace, name), one_pass():
             posted: list[Event] = []
             post = self._poster(namespace, name, uid, posted)
             health = self._health.setdefault(key, DependencyHealth())

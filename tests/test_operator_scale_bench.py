@@ -1,0 +1,32 @@
+"""bench/operator_scale.py --quick: 1 and 3 studies of parallel 10 on one operator process, the API
+emulator in its own process, PostgreSQL, stand-in trials (well-formed results and a working hand-off,
+not a speed test: docs/benchmarks.md has the full run)."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_the_quick_operator_scale_benchmark_measures_hand_offs_cost_and_calls_per_size(tmp_path):
+    completed = subprocess.run([sys.executable, str(ROOT / "bench" / "operator_scale.py"), "--quick",
+                                "--out", str(tmp_path)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert completed.returncode == 0, completed.stdout[-2000:] + completed.stderr[-4000:]
+    rows = json.loads((tmp_path / "results.json").read_text())["rows"]
+
+    assert [r["studies"] for r in rows] == [1, 3] and all(r["parallel"] == 10 for r in rows)
+    for row in rows:
+        # every slot freed in the window was handed to a next trial: about parallel x studies / trial time
+        assert row["hand_offs"] >= 0.5 * row["window_s"] * row["studies"] * 10 / row["trial_seconds"], row
+        assert 0 <= row["hand_off_p50_s"] <= row["hand_off_p95_s"] <= row["hand_off_p99_s"] < 30, row
+        assert 0 < row["operator_cores"] < 2 and 50 < row["operator_rss_peak_mib"] < 2048, row
+        assert row["reconciles_per_s"] > 0 and row["api_requests_per_reconcile"] > 0, row
+        assert row["storage_calls_per_reconcile"] > 0 and row["storage_calls_per_reconcile_by_method"], row
+        assert not math.isnan(row["hand_off_p95_s"])
+        assert 0 < row["status_bytes_max"] < 8192, row
+    assert "| 3 |" in (tmp_path / "results.md").read_text()
