@@ -154,6 +154,7 @@ class StandinKubelet(LocalKubelet):
         self._storage = None
         self._studies: dict[str, Any] = {}
         self._lock = threading.Lock()
+        self.errors: list[str] = []  # a stand-in that raised: its pod fails, the row says why
 
     def _run_trial(self, study_name: str, number: int) -> int:
         from strata.retrying_storage import open_trial_storage
@@ -177,7 +178,10 @@ class StandinKubelet(LocalKubelet):
         await asyncio.sleep(self.trial_seconds)
         code = 1
         if not run.deleted:
-            code = await asyncio.get_running_loop().run_in_executor(self.trials, self._run_trial, study, number)
+            try:
+                code = await asyncio.get_running_loop().run_in_executor(self.trials, self._run_trial, study, number)
+            except Exception as error:  # noqa: BLE001 (the harness's own fault: reported, never a hung pod)
+                self.errors.append(f"{study} trial {number}: {type(error).__name__}: {error}")
         await self._report(run, _terminated_status(container, started, code, "Completed" if code == 0 else "Error", ""))
 
 
@@ -208,6 +212,18 @@ def hand_offs(created: dict[str, float], ended: dict[str, float], since: float, 
 def _proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def _machine_busy_seconds() -> float:
+    """CPU seconds the whole machine has spent busy (all cores; /proc/stat, idle and iowait left out)."""
+    fields = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(fields) - fields[3] - fields[4]) / os.sysconf("SC_CLK_TCK")
+
+
+def _cpu_seconds(pids: dict[str, int]) -> dict[str, float]:
+    """CPU seconds per part of the harness: the operator, the emulator, this process (the kubelet and
+    the stand-in trials), the whole machine."""
+    return {**{name: _proc_cpu_seconds(pid) for name, pid in pids.items()}, "machine": _machine_busy_seconds()}
 
 
 def _proc_memory(pid: int, field: str) -> int:
@@ -282,12 +298,13 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
         time.sleep(args.trial_seconds)
         pid = operator.pid
         before, stats_before = _metrics(port), cluster.stats()
-        cpu_before, started = _proc_cpu_seconds(pid), time.time()
+        pids = {"operator": pid, "emulator": cluster.process.pid, "kubelet": os.getpid()}
+        cpu_before, started = _cpu_seconds(pids), time.time()
         rss_peak = 0
         while time.time() - started < args.window:
             time.sleep(1.0)
             rss_peak = max(rss_peak, _proc_memory(pid, "VmRSS"))
-        cpu_after, until = _proc_cpu_seconds(pid), time.time()
+        cpu_after, until = _cpu_seconds(pids), time.time()
         after, stats_after = _metrics(port), cluster.stats()
         wall = until - started
 
@@ -298,7 +315,12 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
         sql = delta("strata_optuna_sql_statements_total") if "strata_optuna_sql_statements_total" in after else None
         row = {
             "studies": studies, "parallel": PARALLEL, "trial_seconds": args.trial_seconds, "window_s": round(wall, 1),
-            "operator_cores": (cpu_after - cpu_before) / wall,
+            "operator_cores": (cpu_after["operator"] - cpu_before["operator"]) / wall,
+            # where the machine's cores went: PostgreSQL and the rest is the machine less the three
+            "cores": {**{name: round((cpu_after[name] - cpu_before[name]) / wall, 2) for name in cpu_after},
+                      "postgres_and_rest": round((cpu_after["machine"] - cpu_before["machine"]
+                                                  - sum(cpu_after[n] - cpu_before[n] for n in pids)) / wall, 2),
+                      "available": os.cpu_count()},
             "operator_rss_peak_mib": max(rss_peak, _proc_memory(pid, "VmHWM")) / 2**20,
             "reconciles_per_s": reconciles / wall,
             "reconcile_mean_s": delta("strata_reconcile_duration_seconds_sum") / max(1, reconciles),
@@ -309,6 +331,9 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
             "storage_calls_per_reconcile_by_method": {
                 name.split(":", 1)[1]: round(delta(name) / max(1, reconciles), 2)
                 for name in sorted(after) if name.startswith("storage:") and delta(name) > 0},
+            "pods_created_in_window": sum(started <= t <= until for t in stats_after["created"].values()),
+            "pods_ended_in_window": sum(started <= t <= until for t in stats_after["ended"].values()),
+            "stand_in_errors": kubelet.errors[:5],
             "hand_offs": len(waits), "hand_off_p50_s": _percentile(waits, 0.5),
             "hand_off_p95_s": _percentile(waits, 0.95), "hand_off_p99_s": _percentile(waits, 0.99),
             "trials_per_s": len(waits) / wall, "status_bytes_max": max(stats_after["hpostudies"].values() or [0]),
@@ -318,7 +343,7 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
               f"{row['operator_rss_peak_mib']:.0f} MiB, {row['reconciles_per_s']:.1f} reconciles/s "
               f"({row['reconcile_mean_s'] * 1000:.0f} ms each), "
               f"{row['api_requests_per_reconcile']:.1f} API req and {row['storage_calls_per_reconcile']:.1f} "
-              f"storage calls per reconcile, status <= {row['status_bytes_max']} B", flush=True)
+              f"storage calls per reconcile, status <= {row['status_bytes_max']} B; cores {row['cores']}", flush=True)
         return row
     finally:
         if operator is not None and operator.poll() is None:
@@ -337,13 +362,16 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
              f"Emulator + PostgreSQL + the operator process; perTrial, parallel {PARALLEL}, stand-in trials of "
              f"{results['trial_seconds']} s; {results['window']} s window. Operator code: {results['operator_code']}.", "",
              "| studies | hand-off p50 / p95 / p99 (s) | operator cores | peak RSS (MiB) | reconciles/s | "
-             "API req / reconcile | storage calls / reconcile | trials/s | status max (B) |",
-             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+             "API req / reconcile | storage calls / reconcile | trials/s | status max (B) | "
+             "machine busy (cores): emulator / kubelet+trials / PostgreSQL+rest / all |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
+        c = r["cores"]
         lines.append(f"| {r['studies']} | {r['hand_off_p50_s']:.2f} / {r['hand_off_p95_s']:.2f} / {r['hand_off_p99_s']:.2f} | "
                      f"{r['operator_cores']:.2f} | {r['operator_rss_peak_mib']:.0f} | {r['reconciles_per_s']:.1f} | "
                      f"{r['api_requests_per_reconcile']:.1f} | {r['storage_calls_per_reconcile']:.1f} | "
-                     f"{r['trials_per_s']:.1f} | {r['status_bytes_max']:,} |")
+                     f"{r['trials_per_s']:.1f} | {r['status_bytes_max']:,} | {c['emulator']:.2f} / {c['kubelet']:.2f} / "
+                     f"{c['postgres_and_rest']:.2f} / {c['machine']:.2f} of {c['available']} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -10,8 +10,10 @@ size, with the latest 64 trials RUNNING (as in a study under way), it measures (
 - `TrialScheduler.progress()` and `.outcome()` (what every reconcile and the status read), and
   `plan()` with one free slot (which asks);
 - the size of the HPOStudy status the operator writes (strata.kube.builders.build_status).
-The operator-side parts of the issue (100 studies x parallel 10 on the emulator with a stand-in
-trainer) are not here yet.
+- ask and a one-slot plan again on the operator's storage, in a reconcile pass (strata.study.
+  PassSnapshot + one_pass: the study's trials read once per pass, again only after its own writes).
+The operator-side parts of the issue (1-100 studies x parallel 10 on the emulator with the stand-in
+trainer) are in bench/operator_scale.py.
 
 Prints a table and writes results.json and results.md into --out (default bench/results/scale-<timestamp>).
 """
@@ -87,10 +89,14 @@ def measure(sizes: list[int], samples: int, url: str) -> list[dict[str, Any]]:
     from strata.kube.builders import build_status
     from strata.scheduler import TrialScheduler
     from strata.spec import parse_spec
-    from strata.study import create_or_load_study, distributions as distributions_of, open_storage
+    from strata.study import PassSnapshot, cached, create_or_load_study, distributions as distributions_of, one_pass, open_storage
 
     spec = parse_spec(SPEC)
     study = create_or_load_study(spec, "scale", open_storage(url))
+    # The operator's storage (strata.kube.reconcile): each reconcile pass reads the trials once, again
+    # only after its own writes; its asks and plans run in such a pass.
+    in_pass = create_or_load_study(spec, "scale", PassSnapshot(cached(open_storage(url))))
+    pass_scheduler = TrialScheduler(in_pass, spec, None)
     distributions = distributions_of(spec)
     scheduler = TrialScheduler(study, spec, None)
     rng = random.Random(0)
@@ -111,6 +117,13 @@ def measure(sizes: list[int], samples: int, url: str) -> list[dict[str, Any]]:
             started = time.perf_counter()
             study.tell(trial, rng.uniform(0.2, 1.5))
             told.append(time.perf_counter() - started)
+        asked_in_pass: list[float] = []
+        for _ in range(samples):
+            started = time.perf_counter()
+            with one_pass():
+                trial = in_pass.ask(distributions)
+            asked_in_pass.append(time.perf_counter() - started)
+            in_pass.tell(trial, rng.uniform(0.2, 1.5))
         active = {t.number for t in running}
         progress = _timed(lambda: scheduler.progress(active), samples)
         outcome = _timed(lambda: scheduler.outcome(active), samples)
@@ -121,16 +134,27 @@ def measure(sizes: list[int], samples: int, url: str) -> list[dict[str, Any]]:
             plan_times.append(time.perf_counter() - started)
             for number in plan.launch:  # as a worker would: it finishes at once
                 study.tell(number, rng.uniform(0.2, 1.5))
+        plan_pass_times = []
+        for _ in range(max(3, samples // 4)):
+            started = time.perf_counter()
+            with one_pass():
+                plan = pass_scheduler.plan(active, 1)
+            plan_pass_times.append(time.perf_counter() - started)
+            for number in plan.launch:
+                in_pass.tell(number, rng.uniform(0.2, 1.5))
         status = build_status({}, scheduler.progress(active), scheduler.outcome(active), max_trials=spec.trials.max,
                               optuna_name="default.scale", generation=1)
         row = {"finished": size, "running": RUNNING, "ask": _percentiles(asked), "tell": _percentiles(told),
-               "progress": progress, "outcome": outcome, "plan": _percentiles(plan_times),
+               "ask_in_pass": _percentiles(asked_in_pass), "progress": progress, "outcome": outcome,
+               "plan": _percentiles(plan_times), "plan_in_pass": _percentiles(plan_pass_times),
                "status_bytes": len(json.dumps(status, separators=(",", ":")))}
         rows.append(row)
         print(f"  {size:6d} finished, {RUNNING} running: ask {row['ask']['median_ms']:6.1f}/{row['ask']['p95_ms']:6.1f} ms"
               f"  tell {row['tell']['median_ms']:5.1f}/{row['tell']['p95_ms']:5.1f}  progress "
               f"{row['progress']['median_ms']:6.1f}  outcome {row['outcome']['median_ms']:6.1f}  plan "
-              f"{row['plan']['median_ms']:6.1f}/{row['plan']['p95_ms']:6.1f} ms  status {row['status_bytes']} B",
+              f"{row['plan']['median_ms']:6.1f}/{row['plan']['p95_ms']:6.1f} ms; in a pass: ask "
+              f"{row['ask_in_pass']['median_ms']:6.1f}/{row['ask_in_pass']['p95_ms']:6.1f} plan "
+              f"{row['plan_in_pass']['median_ms']:6.1f}/{row['plan_in_pass']['p95_ms']:6.1f} ms  status {row['status_bytes']} B",
               flush=True)
     return rows
 
@@ -139,14 +163,17 @@ def write_markdown(results: dict[str, Any], path: Path) -> None:
     lines = ["# Scale: one study's Optuna and scheduler costs", "",
              f"PostgreSQL, TPE through DistinctSampler, {RUNNING} trials RUNNING; median / p95 of "
              f"{results['samples']} calls (ms).", "",
-             "| finished trials | ask | tell | progress() | outcome() | plan(1 slot) | status (bytes) |",
-             "|---:|---:|---:|---:|---:|---:|---:|"]
+             "| finished trials | ask | ask in a pass | tell | progress() | outcome() | plan(1 slot) | plan in a pass | "
+             "status (bytes) |",
+             "|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for r in results["rows"]:
         lines.append(f"| {r['finished']:,} | {r['ask']['median_ms']:.1f} / {r['ask']['p95_ms']:.1f} | "
+                     f"{r['ask_in_pass']['median_ms']:.1f} / {r['ask_in_pass']['p95_ms']:.1f} | "
                      f"{r['tell']['median_ms']:.1f} / {r['tell']['p95_ms']:.1f} | "
                      f"{r['progress']['median_ms']:.1f} / {r['progress']['p95_ms']:.1f} | "
                      f"{r['outcome']['median_ms']:.1f} / {r['outcome']['p95_ms']:.1f} | "
-                     f"{r['plan']['median_ms']:.1f} / {r['plan']['p95_ms']:.1f} | {r['status_bytes']:,} |")
+                     f"{r['plan']['median_ms']:.1f} / {r['plan']['p95_ms']:.1f} | "
+                     f"{r['plan_in_pass']['median_ms']:.1f} / {r['plan_in_pass']['p95_ms']:.1f} | {r['status_bytes']:,} |")
     path.write_text("\n".join(lines) + "\n")
 
 

@@ -21,6 +21,8 @@ def test_the_quick_operator_scale_benchmark_measures_hand_offs_cost_and_calls_pe
 
     assert [r["studies"] for r in rows] == [1, 3] and all(r["parallel"] == 10 for r in rows)
     for row in rows:
+        assert row["stand_in_errors"] == [], row["stand_in_errors"]
+        assert row["pods_ended_in_window"] > 0 and row["cores"]["operator"] > 0, row
         # every slot freed in the window was handed to a next trial: about parallel x studies / trial time
         assert row["hand_offs"] >= 0.5 * row["window_s"] * row["studies"] * 10 / row["trial_seconds"], row
         assert 0 <= row["hand_off_p50_s"] <= row["hand_off_p95_s"] <= row["hand_off_p99_s"] < 30, row

@@ -19,7 +19,7 @@ def test_the_quick_scale_benchmark_measures_ask_tell_scheduler_and_status_at_eac
 
     assert [r["finished"] for r in rows] == [100, 300] and all(r["running"] == 64 for r in rows)
     for row in rows:
-        for measure in ("ask", "tell", "progress", "outcome", "plan"):
+        for measure in ("ask", "ask_in_pass", "tell", "progress", "outcome", "plan", "plan_in_pass"):
             assert 0 < row[measure]["median_ms"] <= row[measure]["p95_ms"], (measure, row)
         assert 0 < row["status_bytes"] < 8192  # the status stays small whatever the trial count
     assert "| 300 |" in (tmp_path / "results.md").read_text()

@@ -22,8 +22,8 @@ Set in the environment (StandinConfig.from_env):
   STRATA_STANDIN_SEED           default 0: a trial's fate is drawn from (seed, trial number), so a
                                 run is reproducible and a retry (a new number) draws again
 
-run_standin_trial runs one trial in this process on an opened storage: a benchmark runs many in
-threads of one process instead of as processes.
+run_standin_trial runs one trial in this process on an opened storage (run_loaded_trial on a study
+already loaded): a benchmark runs many in threads of one process instead of as processes.
 """
 
 from __future__ import annotations
@@ -150,16 +150,22 @@ def run_standin_trial(storage: optuna.storages.BaseStorage, study_name: str, num
 
     Never raises for the trial: a missing study or trial is EXIT_USAGE, a crash is EXIT_CRASHED with
     the trial left RUNNING (the caller's process exits with it)."""
-    config = config or StandinConfig.from_env()
     try:
         study, spec = load_study(study_name, storage)
-        storage = study._storage
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     except (StorageError, SpecError) as error:
         log.error("trial %d: %s", number, error)
         return EXIT_USAGE
+    return run_loaded_trial(study, spec, number, config)
+
+
+def run_loaded_trial(study: optuna.Study, spec: StudySpec, number: int, config: StandinConfig | None = None) -> int:
+    """run_standin_trial on a study already loaded (a benchmark's threads load each study once)."""
+    config = config or StandinConfig.from_env()
+    storage = study._storage
+    try:
+        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
     except KeyError:
-        log.error("study %s has no trial %d", study_name, number)
+        log.error("study %s has no trial %d", study.study_name, number)
         return EXIT_USAGE
     frozen = storage.get_trial(trial_id)
     if frozen.state.is_finished():  # a re-delivered pod or a resumed run never runs a finished trial twice
