@@ -47,6 +47,22 @@ def test_a_study_is_listed_for_real_first_and_again_after_the_resync_time():
     assert index.pods("default", STUDY) is None
 
 
+def test_studies_listed_together_list_again_spread_over_the_last_quarter_of_the_resync_time():
+    clock = Clock()
+    index = PodIndex(resync_seconds=100, clock=clock)
+    studies = [f"s{i:03d}" for i in range(100)]  # all first listed at the same moment (an operator's start)
+    for name in studies:
+        index.replace("default", name, [], started=clock())
+    due_at = {}
+    for step in range(0, 101):
+        clock.now = 100.0 + step
+        for name in studies:
+            if name not in due_at and index.pods("default", name) is None:
+                due_at[name] = step
+    assert sorted(due_at) == studies  # every study lists again within the resync time
+    assert min(due_at.values()) >= 75 and len(set(due_at.values())) > 15, due_at  # not all in one second
+
+
 def test_the_newest_resource_version_wins_so_a_late_watch_event_cannot_undo_the_operators_patch():
     index = synced_index()
     index.observe("ADDED", pod("a", 5, "Running"))
@@ -191,3 +207,47 @@ def test_a_pass_reads_the_studys_trials_once_and_again_only_after_its_own_writes
     study.get_trials()
     study.get_trials()
     assert counting.reads == reads + 2  # outside a pass: no snapshot
+
+
+def test_a_pass_keeps_the_trials_it_creates_as_it_writes_them_and_reads_none_of_them_back(tmp_path):
+    """A trial asked in a pass is read from the storage once (when created); its params and attrs as
+    the pass writes them come back from the pass, equal to what the storage then holds."""
+    import optuna
+
+    from strata.study import PassSnapshot, one_pass, open_storage, read_trial
+
+    class Counting:
+        def __init__(self, storage):
+            self.storage, self.calls = storage, []
+
+        def __getattr__(self, name):
+            attr = getattr(self.storage, name)
+            if name.startswith("get_"):
+                def counted(*args, **kwargs):
+                    self.calls.append(name)
+                    return attr(*args, **kwargs)
+                return counted
+            return attr
+
+    url = f"journal://{tmp_path / 's.journal'}"
+    counting = Counting(open_storage(url))
+    study = optuna.create_study(study_name="s", storage=PassSnapshot(counting))
+    space = {"x": optuna.distributions.FloatDistribution(0, 2), "n": optuna.distributions.IntDistribution(1, 4)}
+    study.tell(study.ask(space), 1.0)
+    with one_pass():
+        assert len(study.get_trials(deepcopy=False)) == 1
+        counting.calls.clear()
+        trial = study.ask(space)
+        trial.set_user_attr("strata.pod", "s-trial-1")
+        study._storage.set_trial_system_attr(trial._trial_id, "key", ("a", 1))
+        seen = read_trial(study, trial.number)
+        listed = study.get_trials(deepcopy=False)
+        assert counting.calls.count("get_trial") == 1 and "get_all_trials" not in counting.calls, counting.calls
+        assert seen.params == trial.params and set(seen.params) == {"x", "n"}
+        assert seen.user_attrs["strata.pod"] == "s-trial-1" and seen.system_attrs["key"] == ["a", 1]
+        assert [t.number for t in listed] == [0, 1] and listed[1].params == trial.params
+        study.tell(trial, 0.5)  # a state: the pass reads again
+        assert study.get_trials(deepcopy=False)[1].state == optuna.trial.TrialState.COMPLETE
+    stored = optuna.load_study(study_name="s", storage=open_storage(url)).trials[1]
+    assert (stored.params, stored.user_attrs["strata.pod"], stored.system_attrs["key"]) == (
+        seen.params, "s-trial-1", ["a", 1])

@@ -36,7 +36,7 @@ from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
     ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
-    ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY, distributions,
+    ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY, distributions, read_trial,
 )
 
 log = logging.getLogger(__name__)
@@ -278,8 +278,7 @@ class TrialScheduler:
 
     def _frozen(self, number: int) -> FrozenTrial:
         """One trial, read alone (not the whole study: a plan at 5,000 trials read it six times)."""
-        storage = self.study._storage
-        return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(self.study._study_id, number))
+        return read_trial(self.study, number)
 
     def _ask_next(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
         if self.spec.sampler.name == "grid":

@@ -118,6 +118,13 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         raise StorageError(scrub(f"cannot open Optuna storage {redact_url(url)}: {first}", url)) from error
 
 
+def read_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
+    """One trial by its number, read alone: `study.trials[number]` reads every trial of the study
+    (after a write in a reconcile pass, again from the database)."""
+    storage = study._storage
+    return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
+
+
 _statement_lock = threading.Lock()
 _statement_total = 0
 
@@ -164,21 +171,30 @@ def one_pass() -> Iterator[None]:
 
 class PassSnapshot:
     """A storage wrapper: within one_pass() (one reconcile pass, in its own thread), every
-    `get_all_trials` of a study after the first is served from what that first read returned, until
-    the pass itself writes (a new trial, a param, an attr, a state: then the next read goes to the
-    storage again). Outside a pass it passes every call through.
+    `get_all_trials` of a study after the first is served from what that first read returned, and
+    the trials the pass itself creates are kept with it: their params and attrs as the pass writes
+    them, so reading them back (`get_trial`, the next `get_all_trials`) needs no query. Any other
+    write (a state, a value, an attr of a trial the pass did not create) drops what the pass holds
+    and the next read goes to the storage again. Outside a pass it passes every call through.
 
     Why: one reconcile asks for the study's trials about twelve times (the scheduler's plan, each
     ask's samplers, the pod executor, the status); even with Optuna's cache each of those re-reads
-    every RUNNING trial (seven SQL statements). Other processes' changes (a trainer telling its
-    trial) are seen by the next pass, as if they had come a moment later; single trials
-    (`get_trial`, what the scheduler reads when a trainer exits) always go to the storage."""
+    every RUNNING trial (seven SQL statements). And each trial it launches was read back three
+    times (by Optuna's ask, the scheduler and the pod executor) with a query each: at 100 studies
+    SQLAlchemy was 59% of the operator's CPU. Other processes' changes (a trainer telling its trial)
+    are seen by the next pass, as if they had come a moment later; a trial the pass did not create
+    (`get_trial`, what the scheduler reads when a trainer exits) always comes from the storage.
+    A trial just created is the pass's alone until its pod or worker starts it."""
 
     _WRITES = frozenset({"create_new_trial", "set_trial_param", "set_trial_state_values",
                          "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr"})
+    _KEPT = frozenset({"set_trial_param", "set_trial_user_attr", "set_trial_system_attr"})  # applied to own trials
 
     def __init__(self, storage: Any):
         self._storage = storage
+
+    def _own(self, reads: dict[Any, Any]) -> dict[int, Any]:
+        return reads.setdefault((id(self), "own"), {})
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._storage, name)
@@ -187,10 +203,44 @@ class PassSnapshot:
 
         def write(*args: Any, **kwargs: Any) -> Any:
             reads = getattr(_PASS, "reads", None)
-            if reads:
+            if reads is None:
+                return attr(*args, **kwargs)
+            if name == "create_new_trial":
+                trial_id = attr(*args, **kwargs)
+                study_id = args[0] if args else kwargs["study_id"]
+                frozen = self._storage.get_trial(trial_id)
+                self._own(reads)[trial_id] = frozen
+                reads.setdefault((id(self), "study of"), {})[trial_id] = study_id
+                listed = reads.get((id(self), study_id))
+                if listed is not None:
+                    listed.append(frozen)
+                return trial_id
+            trial_id = args[0] if args else kwargs.get("trial_id")
+            frozen = self._own(reads).get(trial_id)
+            if frozen is None or name not in self._KEPT:
                 reads.clear()  # a pass reconciles one study: what it wrote is read again
-            return attr(*args, **kwargs)
+                return attr(*args, **kwargs)
+            try:
+                result = attr(*args, **kwargs)
+            except BaseException:
+                reads.clear()
+                raise
+            _apply(frozen, name, args[1:], kwargs)
+            return result
         return write
+
+    def get_trial(self, trial_id: int) -> Any:
+        reads = getattr(_PASS, "reads", None)
+        frozen = None if reads is None else (reads.get((id(self), "own")) or {}).get(trial_id)
+        return self._storage.get_trial(trial_id) if frozen is None else copy.deepcopy(frozen)
+
+    def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
+        reads = getattr(_PASS, "reads", None) or {}
+        study_of = reads.get((id(self), "study of")) or {}
+        for trial_id, frozen in (reads.get((id(self), "own")) or {}).items():
+            if frozen.number == trial_number and study_of.get(trial_id) == study_id:
+                return trial_id
+        return self._storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
         reads = getattr(_PASS, "reads", None)
@@ -200,9 +250,26 @@ class PassSnapshot:
         trials = reads.get(key)
         if trials is None:
             trials = reads[key] = self._storage.get_all_trials(study_id, deepcopy=False)
+            own = self._own(reads)
+            trials[:] = [own.get(t._trial_id, t) for t in trials]  # one object per trial: writes show in both
         if states is not None:
             trials = [t for t in trials if t.state in states]
         return copy.deepcopy(trials) if deepcopy else list(trials)
+
+
+def _apply(frozen: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
+    """A write the storage took, applied to the pass's copy of its own new trial (values through
+    JSON, as the storage keeps them)."""
+    names = ("param_name", "param_value_internal", "distribution") if name == "set_trial_param" else ("key", "value")
+    values = list(args) + [kwargs[n] for n in names[len(args):]]
+    if name == "set_trial_param":
+        param, internal, distribution = values
+        frozen._params[param] = distribution.to_external_repr(internal)
+        frozen._distributions[param] = distribution
+    else:
+        key, value = values
+        attrs = frozen._user_attrs if name == "set_trial_user_attr" else frozen._system_attrs
+        attrs[key] = json.loads(json.dumps(value))
 
 
 def redact(url: str) -> str:

@@ -9,8 +9,11 @@ create sees the pod before the watch does.
 Kept honest three ways:
 - the newest resourceVersion wins, so a watch event that was on its way before the operator's own
   patch cannot undo it (an exit reported twice);
-- a study's first look and every `resync_seconds` after is a real list (the slow safety net for a
-  watch that missed something, and a restarted operator's first view), merged the same way;
+- a study's first look and every 75-100% of `resync_seconds` after (10 minutes; spread by the
+  study's name so that 100 studies listed at start-up do not all list again in the same second) is
+  a real list (the slow safety net for a watch that missed something, and a restarted operator's
+  first view), merged the same way. Kopf lists again itself whenever its watch reconnects. At 60 s,
+  the lists of 100 studies' growing pod sets were 15% of the reconcile threads' time;
 - only what a reconcile reads is kept of each pod (metadata, phase, termination), so memory
   stays small with thousands of finished pods.
 """
@@ -19,12 +22,13 @@ from __future__ import annotations
 
 import threading
 import time
+import zlib
 from typing import Any, Callable
 
 from strata.kube import builders
 from strata.kube.api import KubeApi
 
-RESYNC_SECONDS = 60.0
+RESYNC_SECONDS = 600.0
 
 
 def _version(pod: dict[str, Any]) -> int:
@@ -104,7 +108,8 @@ class PodIndex:
         key = (namespace, label)
         with self._lock:
             synced = self._synced.get(key)
-            if synced is None or self._clock() - synced > self.resync_seconds:
+            spread = 0.75 + 0.25 * zlib.crc32(f"{namespace}/{label}".encode()) / 2**32
+            if synced is None or self._clock() - synced > self.resync_seconds * spread:
                 return None
             return list((self._pods.get(key) or {}).values())
 

@@ -20,7 +20,7 @@ from strata.executors import WorkerExit
 from strata.kube import builders
 from strata.kube.api import KubeApi
 from strata.spec import StudySpec
-from strata.study import ATTR_RETRY_OF
+from strata.study import ATTR_RETRY_OF, read_trial
 
 ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
 TERMINAL = ("Succeeded", "Failed")
@@ -102,7 +102,7 @@ class PodExecutor:
         return exits
 
     def start(self, number: int) -> None:
-        trial = self.study.get_trials(deepcopy=False)[number]
+        trial = read_trial(self.study, number)  # not the whole study: the ask before wrote to it
         body = builders.build_trial_pod(name=self.name, namespace=self.namespace, uid=self.uid, number=number,
                                         params=trial.params, spec=self.spec, settings=self.settings)
         pod_name = body["metadata"]["name"]

@@ -41,6 +41,7 @@ from strata.kube.trial_pods import POD_REJECTED, TERMINAL, Happening, _api_reaso
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_ASSIGNED, ATTR_REPORTED_BELOW, ATTR_RETRY_OF, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED,
+    read_trial,
 )
 QUEUED_PER_POD = 1  # trials waiting in a pod beyond those it runs: the next one, started without a reconcile
 SHORT_TRIAL_SECONDS = 3.0  # trials shorter than this (median of the last few) get a second queued one: a
@@ -166,7 +167,7 @@ class WorkerPodExecutor:
         return exits
 
     def start(self, number: int) -> None:
-        trial = self.trials[number] if number < len(self.trials) else self.study.get_trials(deepcopy=False)[number]
+        trial = self.trials[number] if number < len(self.trials) else read_trial(self.study, number)
         pool = self._pool(trial.params)
         slots = self.slots(pool)
         loads = sorted((len(self._queue(n)), n) for n in self._live_pods(pool))
