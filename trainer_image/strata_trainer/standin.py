@@ -51,6 +51,7 @@ from strata.study import (
     ATTR_TEST_ACCURACY, ATTR_TEST_LOSS, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, StorageError,
     data_check_key, distributions, load_study,
 )
+from strata_trainer.worker_io import LOG_FORMAT, TrialLog, send
 
 log = logging.getLogger("strata.standin")
 MODULE = "strata_trainer.standin"
@@ -58,7 +59,6 @@ MODULE = "strata_trainer.standin"
 EXIT_COMPLETE, EXIT_FAILED, EXIT_USAGE, EXIT_PRUNED, EXIT_CRASHED = 0, 1, 2, 3, 137
 STATE_EXIT = {TrialState.COMPLETE: EXIT_COMPLETE, TrialState.PRUNED: EXIT_PRUNED, TrialState.FAIL: EXIT_FAILED}
 CHANCE_LOSS = math.log(10)  # a first epoch's loss: guessing among 10 classes
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 @dataclass(frozen=True)
@@ -276,7 +276,7 @@ def serve_worker(storage_url: str, requests: IO[str], answers: IO[str], config: 
     from strata.spec import parse_spec
 
     storage = None
-    _send(answers, {"ready": os.getpid()})
+    send(answers, {"ready": os.getpid()})
     for line in requests:
         if not line.strip():
             continue
@@ -286,11 +286,11 @@ def serve_worker(storage_url: str, requests: IO[str], answers: IO[str], config: 
                 answer = verdict(parse_spec(request["check"]))
             except Exception as error:  # the check must answer, whatever the spec holds
                 answer = {"ok": False, "message": f"{type(error).__name__}: {error}"}
-            _send(answers, {"check": answer})
+            send(answers, {"check": answer})
             continue
         number = int(request["trial"])
         started = time.perf_counter()
-        with _TrialLog(request.get("log")):
+        with TrialLog(request.get("log")):
             try:
                 storage = storage or open_trial_storage(storage_url)
                 code = run_standin_trial(storage, request["study"], number, config)
@@ -302,36 +302,8 @@ def serve_worker(storage_url: str, requests: IO[str], answers: IO[str], config: 
                 code = EXIT_FAILED
         if code == EXIT_CRASHED:  # the worker dies with its trial, as an OOM-killed one does
             os._exit(EXIT_CRASHED)
-        _send(answers, {"trial": number, "exit": code, "seconds": round(time.perf_counter() - started, 4)})
+        send(answers, {"trial": number, "exit": code, "seconds": round(time.perf_counter() - started, 4)})
     return 0
-
-
-class _TrialLog:
-    """One trial's log lines also in its own file, as the real worker writes them."""
-
-    def __init__(self, path: str | None):
-        self.path, self.handler = path, None
-
-    def __enter__(self) -> "_TrialLog":
-        if self.path:
-            try:
-                self.handler = logging.FileHandler(self.path, encoding="utf-8")
-            except OSError as error:
-                log.warning("cannot write the trial log %s: %s", self.path, error)
-                return self
-            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            logging.getLogger().addHandler(self.handler)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.handler is not None:
-            logging.getLogger().removeHandler(self.handler)
-            self.handler.close()
-
-
-def _send(answers: IO[str], message: dict[str, Any]) -> None:
-    answers.write(json.dumps(message) + "\n")
-    answers.flush()
 
 
 # --- the command line ------------------------------------------------------------------------

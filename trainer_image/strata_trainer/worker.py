@@ -29,12 +29,11 @@ import time
 from collections import OrderedDict
 from typing import IO, Any
 
-from strata.redaction import SecretFilter
 from strata_trainer.trial import TrialContext
+from strata_trainer.worker_io import LOG_FORMAT, TrialLog, send
 
 log = logging.getLogger("strata.worker")
 DATASETS_KEPT = 2  # bounded: a worker serves one study, whose trials share one dataset
-LOG_FORMAT = "%(asctime)s %(levelname)s %(name)s: %(message)s"
 
 
 class WarmContext(TrialContext):
@@ -89,31 +88,6 @@ def warm_up() -> None:
     gc.freeze()
 
 
-class _TrialLog:
-    """Route the root logger to one trial's log file while that trial runs (as a trial process would)."""
-
-    def __init__(self, path: str | None):
-        self.path = path
-        self.handler: logging.Handler | None = None
-
-    def __enter__(self) -> "_TrialLog":
-        if self.path:
-            try:
-                self.handler = logging.FileHandler(self.path, encoding="utf-8")
-            except OSError as error:  # the trial still runs; its lines go to the worker's own log
-                log.warning("cannot write the trial log %s: %s", self.path, error)
-                return self
-            self.handler.setFormatter(logging.Formatter(LOG_FORMAT))
-            self.handler.addFilter(SecretFilter())
-            logging.getLogger().addHandler(self.handler)
-        return self
-
-    def __exit__(self, *_: object) -> None:
-        if self.handler is not None:
-            logging.getLogger().removeHandler(self.handler)
-            self.handler.close()
-
-
 def serve(storage_url: str, requests: IO[str], answers: IO[str]) -> int:
     """Run assignments until `requests` ends. Never raises for one trial's failure."""
     from strata.spec import SpecError
@@ -124,17 +98,17 @@ def serve(storage_url: str, requests: IO[str], answers: IO[str]) -> int:
     context = WarmContext()
     configure_threads()
     warm_up()
-    _send(answers, {"ready": os.getpid()})
+    send(answers, {"ready": os.getpid()})
     for line in requests:
         if not line.strip():
             continue
         request = json.loads(line)
         if "check" in request:
-            _send(answers, {"check": _check(request["check"], context)})
+            send(answers, {"check": _check(request["check"], context)})
             continue
         number = int(request["trial"])
         started = time.perf_counter()
-        with _TrialLog(request.get("log")):
+        with TrialLog(request.get("log")):
             try:
                 code = run_trial(storage_url, request["study"], number, request.get("checkpoints"), context)
             except (StorageError, SpecError) as error:
@@ -144,7 +118,7 @@ def serve(storage_url: str, requests: IO[str], answers: IO[str]) -> int:
                 log.exception("trial %d: unexpected error in the worker", number)
                 code = EXIT_FAILED
         context.after_trial()
-        _send(answers, {"trial": number, "exit": code, "seconds": round(time.perf_counter() - started, 4)})
+        send(answers, {"trial": number, "exit": code, "seconds": round(time.perf_counter() - started, 4)})
     return 0
 
 
@@ -156,11 +130,6 @@ def _check(raw_spec: dict[str, Any], context: WarmContext) -> dict[str, Any]:
         return verdict_for(parse_spec(raw_spec), context.dataset)
     except Exception as error:  # the check must answer, whatever the data does
         return {"ok": False, "message": f"{type(error).__name__}: {error}"}
-
-
-def _send(answers: IO[str], message: dict[str, Any]) -> None:
-    answers.write(json.dumps(message) + "\n")
-    answers.flush()
 
 
 def main(storage_url: str) -> int:
