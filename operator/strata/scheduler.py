@@ -258,7 +258,7 @@ class TrialScheduler:
                     break
                 plan.waiting[trial.number] = f"waits for donor trial {donor}"
                 budget -= 1
-                trial = self._frozen(donor)
+                trial = read_trial(self.study, donor)
                 trials = _with(trials, trial)
             self._consider(trial, trials, active, plan, free_slots)
         if not active and not plan.launch and plan.waiting and free_slots > 0:
@@ -276,10 +276,6 @@ class TrialScheduler:
         else:
             plan.waiting[t.number] = "no free slot"
 
-    def _frozen(self, number: int) -> FrozenTrial:
-        """One trial, read alone (not the whole study: a plan at 5,000 trials read it six times)."""
-        return read_trial(self.study, number)
-
     def _ask_next(self, trials: list[FrozenTrial]) -> FrozenTrial | None:
         if self.spec.sampler.name == "grid":
             point = self._next_grid_point(trials)
@@ -287,7 +283,7 @@ class TrialScheduler:
                 return None
             self.study.enqueue_trial(point)
         trial = self.study.ask(self._distributions)
-        return self._frozen(trial.number)
+        return read_trial(self.study, trial.number)
 
     def _next_grid_point(self, trials: list[FrozenTrial]) -> dict[str, Any] | None:
         """Smaller depths first, so deeper configurations find donors; shuffled within a depth."""
@@ -434,7 +430,7 @@ class TrialScheduler:
 
         The retry itself is derived on the next plan(), so a restart between the two loses nothing.
         """
-        trial = self._frozen(number)
+        trial = read_trial(self.study, number)
         if trial.state != TrialState.RUNNING:
             return
         storage = self.study._storage

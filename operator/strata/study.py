@@ -15,7 +15,7 @@ import logging
 import threading
 import warnings
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 import optuna
 from optuna.distributions import BaseDistribution, CategoricalDistribution, FloatDistribution, IntDistribution
@@ -188,88 +188,100 @@ class PassSnapshot:
 
     _WRITES = frozenset({"create_new_trial", "set_trial_param", "set_trial_state_values",
                          "set_trial_intermediate_value", "set_trial_user_attr", "set_trial_system_attr"})
-    _KEPT = frozenset({"set_trial_param", "set_trial_user_attr", "set_trial_system_attr"})  # applied to own trials
 
     def __init__(self, storage: Any):
         self._storage = storage
 
-    def _own(self, reads: dict[Any, Any]) -> dict[int, Any]:
-        return reads.setdefault((id(self), "own"), {})
+    def _reads(self) -> tuple[dict[Any, Any], dict[int, Any], dict[tuple[int, int], int]] | None:
+        """This pass's reads of this storage: everything, its own new trials by id, their ids by
+        (study, number); None outside a pass."""
+        reads = getattr(_PASS, "reads", None)
+        if reads is None:
+            return None
+        return reads, reads.setdefault((id(self), "own"), {}), reads.setdefault((id(self), "ids"), {})
 
     def __getattr__(self, name: str) -> Any:
         attr = getattr(self._storage, name)
         if name not in self._WRITES:
             return attr
 
-        def write(*args: Any, **kwargs: Any) -> Any:
+        def write(*args: Any, **kwargs: Any) -> Any:  # a write the pass does not keep: read again after it
             reads = getattr(_PASS, "reads", None)
-            if reads is None:
-                return attr(*args, **kwargs)
-            if name == "create_new_trial":
-                trial_id = attr(*args, **kwargs)
-                study_id = args[0] if args else kwargs["study_id"]
-                frozen = self._storage.get_trial(trial_id)
-                self._own(reads)[trial_id] = frozen
-                reads.setdefault((id(self), "study of"), {})[trial_id] = study_id
-                listed = reads.get((id(self), study_id))
-                if listed is not None:
-                    listed.append(frozen)
-                return trial_id
-            trial_id = args[0] if args else kwargs.get("trial_id")
-            frozen = self._own(reads).get(trial_id)
-            if frozen is None or name not in self._KEPT:
+            if reads:
                 reads.clear()  # a pass reconciles one study: what it wrote is read again
-                return attr(*args, **kwargs)
-            try:
-                result = attr(*args, **kwargs)
-            except BaseException:
-                reads.clear()
-                raise
-            _apply(frozen, name, args[1:], kwargs)
-            return result
+            return attr(*args, **kwargs)
         return write
 
+    def create_new_trial(self, study_id: int, template_trial: Any = None) -> int:
+        trial_id = self._storage.create_new_trial(study_id, template_trial)
+        pass_reads = self._reads()
+        if pass_reads is not None:
+            reads, own, ids = pass_reads
+            frozen = own[trial_id] = self._storage.get_trial(trial_id)
+            ids[(study_id, frozen.number)] = trial_id
+            listed = reads.get((id(self), study_id))
+            if listed is not None:
+                listed.append(frozen)
+        return trial_id
+
+    def _kept(self, trial_id: int, write: Callable[[], Any], apply: Callable[[Any], None]) -> Any:
+        """A write to a trial: applied to the pass's copy if the pass created it, else the pass
+        reads again after it (and after any write that failed)."""
+        pass_reads = self._reads()
+        frozen = None if pass_reads is None else pass_reads[1].get(trial_id)
+        if frozen is None:
+            if pass_reads is not None:
+                pass_reads[0].clear()
+            return write()
+        try:
+            result = write()
+        except BaseException:
+            pass_reads[0].clear()
+            raise
+        apply(frozen)
+        return result
+
+    def set_trial_param(self, trial_id: int, param_name: str, param_value_internal: float,
+                        distribution: BaseDistribution) -> None:
+        def apply(frozen: Any) -> None:
+            frozen._params[param_name] = distribution.to_external_repr(param_value_internal)
+            frozen._distributions[param_name] = distribution
+        self._kept(trial_id, lambda: self._storage.set_trial_param(trial_id, param_name, param_value_internal,
+                                                                   distribution), apply)
+
+    def set_trial_user_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._kept(trial_id, lambda: self._storage.set_trial_user_attr(trial_id, key, value),
+                   lambda frozen: frozen._user_attrs.__setitem__(key, json.loads(json.dumps(value))))
+
+    def set_trial_system_attr(self, trial_id: int, key: str, value: Any) -> None:
+        self._kept(trial_id, lambda: self._storage.set_trial_system_attr(trial_id, key, value),
+                   lambda frozen: frozen._system_attrs.__setitem__(key, json.loads(json.dumps(value))))
+
     def get_trial(self, trial_id: int) -> Any:
-        reads = getattr(_PASS, "reads", None)
-        frozen = None if reads is None else (reads.get((id(self), "own")) or {}).get(trial_id)
+        pass_reads = self._reads()
+        frozen = None if pass_reads is None else pass_reads[1].get(trial_id)
         return self._storage.get_trial(trial_id) if frozen is None else copy.deepcopy(frozen)
 
     def get_trial_id_from_study_id_trial_number(self, study_id: int, trial_number: int) -> int:
-        reads = getattr(_PASS, "reads", None) or {}
-        study_of = reads.get((id(self), "study of")) or {}
-        for trial_id, frozen in (reads.get((id(self), "own")) or {}).items():
-            if frozen.number == trial_number and study_of.get(trial_id) == study_id:
-                return trial_id
-        return self._storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        pass_reads = self._reads()
+        trial_id = None if pass_reads is None else pass_reads[2].get((study_id, trial_number))
+        if trial_id is None:
+            return self._storage.get_trial_id_from_study_id_trial_number(study_id, trial_number)
+        return trial_id
 
     def get_all_trials(self, study_id: int, deepcopy: bool = True, states: Any = None) -> list[Any]:
-        reads = getattr(_PASS, "reads", None)
-        if reads is None:
+        pass_reads = self._reads()
+        if pass_reads is None:
             return self._storage.get_all_trials(study_id, deepcopy=deepcopy, states=states)
+        reads, own, _ = pass_reads
         key = (id(self), study_id)
         trials = reads.get(key)
         if trials is None:
-            trials = reads[key] = self._storage.get_all_trials(study_id, deepcopy=False)
-            own = self._own(reads)
-            trials[:] = [own.get(t._trial_id, t) for t in trials]  # one object per trial: writes show in both
+            trials = reads[key] = [own.get(t._trial_id, t)  # one object per own trial: writes show in both
+                                   for t in self._storage.get_all_trials(study_id, deepcopy=False)]
         if states is not None:
             trials = [t for t in trials if t.state in states]
         return copy.deepcopy(trials) if deepcopy else list(trials)
-
-
-def _apply(frozen: Any, name: str, args: tuple[Any, ...], kwargs: dict[str, Any]) -> None:
-    """A write the storage took, applied to the pass's copy of its own new trial (values through
-    JSON, as the storage keeps them)."""
-    names = ("param_name", "param_value_internal", "distribution") if name == "set_trial_param" else ("key", "value")
-    values = list(args) + [kwargs[n] for n in names[len(args):]]
-    if name == "set_trial_param":
-        param, internal, distribution = values
-        frozen._params[param] = distribution.to_external_repr(internal)
-        frozen._distributions[param] = distribution
-    else:
-        key, value = values
-        attrs = frozen._user_attrs if name == "set_trial_user_attr" else frozen._system_attrs
-        attrs[key] = json.loads(json.dumps(value))
 
 
 def redact(url: str) -> str:

@@ -49,7 +49,7 @@ from strata.study import (
     ATTR_DATA_CHECK, ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_MODEL, ATTR_NUM_CLASSES, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
     ATTR_TEST_ACCURACY, ATTR_TEST_LOSS, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, StorageError,
-    data_check_key, distributions, load_study,
+    data_check_key, distributions, load_study, read_trial,
 )
 from strata_trainer.worker_io import LOG_FORMAT, TrialLog, send
 
@@ -163,11 +163,11 @@ def run_loaded_trial(study: optuna.Study, spec: StudySpec, number: int, config: 
     config = config or StandinConfig.from_env()
     storage = study._storage
     try:
-        trial_id = storage.get_trial_id_from_study_id_trial_number(study._study_id, number)
+        frozen = read_trial(study, number)
     except KeyError:
         log.error("study %s has no trial %d", study.study_name, number)
         return EXIT_USAGE
-    frozen = storage.get_trial(trial_id)
+    trial_id = frozen._trial_id
     if frozen.state.is_finished():  # a re-delivered pod or a resumed run never runs a finished trial twice
         log.info("trial %d is already %s", number, frozen.state.name)
         return STATE_EXIT[frozen.state]

@@ -43,8 +43,9 @@ def _protect_secrets_in_logs() -> None:
 
 class _QuietPodEvents(logging.Filter):
     """Kopf logs every successful run of an event handler at INFO: three lines per trainer pod (a
-    10,000-trial study: 30,000 lines, and at 100 studies 4% of the operator's main thread). Its own
-    indexers are terse the same way; warnings and errors of on_pod still show."""
+    10,000-trial study: 30,000 lines; at 100 studies, writing them was 44 of the main thread's 113
+    busy samples in a 30 s profile). Kopf's own indexers are terse the same way; warnings and errors
+    of on_pod still show."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         return record.levelno >= logging.WARNING or record.getMessage() != "Handler 'on_pod' succeeded."

@@ -63,7 +63,7 @@ class PodIndex:
         self._lock = threading.Lock()
         self._pods: dict[tuple[str, str], dict[str, dict[str, Any]]] = {}
         self._seen: dict[tuple[str, str, str], float] = {}  # when each pod was last written here
-        self._synced: dict[tuple[str, str], float] = {}  # when each study was last listed for real
+        self._due: dict[tuple[str, str], float] = {}  # when each study is next listed for real
         self._deleted: dict[tuple[str, str, str], int] = {}  # pods the watch saw deleted (until the next list)
 
     def observe(self, event_type: str | None, pod: dict[str, Any]) -> bool:
@@ -107,9 +107,8 @@ class PodIndex:
         """The study's pods, or None when it is due a real list."""
         key = (namespace, label)
         with self._lock:
-            synced = self._synced.get(key)
-            spread = 0.75 + 0.25 * zlib.crc32(f"{namespace}/{label}".encode()) / 2**32
-            if synced is None or self._clock() - synced > self.resync_seconds * spread:
+            due = self._due.get(key)
+            if due is None or self._clock() > due:
                 return None
             return list((self._pods.get(key) or {}).values())
 
@@ -127,7 +126,8 @@ class PodIndex:
                 if name not in pods and self._seen.get((*key, name), -1.0) >= started:
                     pods[name] = pod  # created (or seen) after the list was taken
             self._pods[key] = pods
-            self._synced[key] = self._clock()
+            spread = 0.75 + 0.25 * zlib.crc32(f"{namespace}/{label}".encode()) / 2**32
+            self._due[key] = self._clock() + self.resync_seconds * spread
             for gone in [k for k in self._deleted if k[:2] == key]:
                 del self._deleted[gone]
             return list(pods.values())
@@ -135,7 +135,7 @@ class PodIndex:
     def forget(self, namespace: str, label: str) -> None:
         with self._lock:
             self._pods.pop((namespace, label), None)
-            self._synced.pop((namespace, label), None)
+            self._due.pop((namespace, label), None)
 
     def clock(self) -> float:
         return self._clock()
