@@ -113,6 +113,25 @@ def test_a_pod_name_taken_by_a_pod_the_study_does_not_own_fails_that_trial_with_
     assert 1 in r.pods()  # the study goes on with its next trial
 
 
+def test_one_refused_pod_among_a_passs_launches_fails_only_its_trial(reconciler, k8s_api):
+    # A pass that fills four slots creates their pods side by side (PodExecutor.start_many): the
+    # refusal of one is that trial's alone, and each of the others gets its Event, its pod and its attr.
+    k8s_api.create("pods", {"metadata": {"name": f"{NAME}-trial-2"},
+                            "spec": {"containers": [{"name": "app", "image": "someone/else"}]}})
+    r = reconciler(trials={"max": 6, "parallel": 4, "maxFailed": 5, "retries": 0})
+
+    r.reconcile()
+
+    trials = r.study().trials
+    assert sorted(r.pods()) == [0, 1, 3]  # the pod named trial-2 is someone else's, not listed as ours
+    assert trials[2].state == TrialState.FAIL and trials[2].user_attrs["strata.failure_kind"] == "rejected"
+    assert {t.number: t.user_attrs.get("strata.pod") for t in trials if t.number != 2} == {
+        0: f"{NAME}-trial-0", 1: f"{NAME}-trial-1", 3: f"{NAME}-trial-3"}
+    assert sorted(r.reasons("TrialStarted")) == sorted(f"trial {n} started in pod {NAME}-trial-{n}"
+                                                        for n in (0, 1, 2, 3))
+    assert len(r.reasons("TrialPodRejected")) == 1 and r.status["trials"]["running"] == 3
+
+
 def test_a_pod_the_api_refuses_as_invalid_fails_its_trial_once_with_the_apis_message(reconciler, k8s_api):
     k8s_api.refuse_creates("pods", 422, "Invalid",
                            'Pod "fates-trial-0" is invalid: spec.containers[0].resources.limits[memory]: '
