@@ -48,12 +48,8 @@ def step(scheduler: TrialScheduler, executor: Executor, parallel: int) -> tuple[
         scheduler.stop_waiting(active, outcome.message)
         return outcome, Plan(), exits
     plan = scheduler.plan(active, max(0, parallel - len(active)))
-    start_many = getattr(executor, "start_many", None)  # an executor that can start several at once
-    if start_many is not None and len(plan.launch) > 1:
-        start_many(list(plan.launch))
-    else:
-        for number in plan.launch:
-            executor.start(number)
+    for number in plan.launch:
+        executor.start(number)
     return outcome, plan, exits
 
 

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import time
-from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -103,21 +102,6 @@ class PodExecutor:
         return exits
 
     def start(self, number: int) -> None:
-        self.start_many([number])
-
-    def start_many(self, numbers: list[int]) -> None:
-        """Start these trials' pods. Optuna is read and written in this thread; each trial's two API
-        calls (its TrialStarted Event, then its pod) run side by side with the other trials', so a
-        pass that fills 10 slots waits about one round trip per trial instead of ten."""
-        launches = [self._launch(number) for number in numbers]
-        if len(launches) > 1:
-            results = list(_LAUNCHER.map(self._create, launches))
-        else:
-            results = [self._create(launch) for launch in launches]
-        for launch, result in zip(launches, results):
-            self._record(launch, result)
-
-    def _launch(self, number: int) -> "_Launch":
         trial = read_trial(self.study, number)  # not the whole study: the ask before wrote to it
         body = builders.build_trial_pod(name=self.name, namespace=self.namespace, uid=self.uid, number=number,
                                         params=trial.params, spec=self.spec, settings=self.settings)
@@ -125,27 +109,16 @@ class PodExecutor:
         gpu = " on a GPU node" if self.spec.trainer.gpu.wants(trial.params) else ""
         retry = trial.user_attrs.get(ATTR_RETRY_OF)
         if retry is not None:
-            happening = Happening("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {pod_name}){gpu}",
-                                  f"trial-{number}-started")
+            self.post(Happening("Normal", "TrialRetried", f"trial {number} retries trial {retry} (pod {pod_name}){gpu}",
+                                f"trial-{number}-started"))
         else:
-            happening = Happening("Normal", "TrialStarted", f"trial {number} started in pod {pod_name}{gpu}",
-                                  f"trial-{number}-started")
-        return _Launch(number, trial._trial_id, body, happening)
-
-    def _create(self, launch: "_Launch") -> dict[str, Any] | ApiException | None:
-        """The Event first (before the pod exists), then the pod: the created pod, None if the name
-        is taken, or the API's refusal. Touches no executor state (it runs in the launcher's threads)."""
-        self.post(launch.happening)
+            self.post(Happening("Normal", "TrialStarted", f"trial {number} started in pod {pod_name}{gpu}",
+                                f"trial-{number}-started"))
         try:
-            return self.api.create_pod(launch.body)
+            created = self.api.create_pod(body)
         except ApiException as error:
-            return error
-
-    def _record(self, launch: "_Launch", created: dict[str, Any] | ApiException | None) -> None:
-        number, pod_name = launch.number, launch.body["metadata"]["name"]
-        if isinstance(created, ApiException):
-            message = f"pod {pod_name}: {_api_reason(created)}"
-            if created.status in POD_REJECTED:
+            message = f"pod {pod_name}: {_api_reason(error)}"
+            if error.status in POD_REJECTED:
                 self.rejected[number] = f"the API refused trial {number}'s pod: {message}"
             else:
                 self.create_error = message
@@ -159,8 +132,8 @@ class PodExecutor:
                 self.api.delete_pod(self.namespace, old["metadata"]["name"], grace_seconds=0)
             return
         self.create_error = None
-        self.study._storage.set_trial_user_attr(launch.trial_id, ATTR_POD, pod_name)
-        self.pods[number] = launch.body
+        self.study._storage.set_trial_user_attr(trial._trial_id, ATTR_POD, pod_name)
+        self.pods[number] = body
 
     def stop(self, number: int) -> None:
         pod = self.pods.pop(number, None)
@@ -176,21 +149,6 @@ class PodExecutor:
             pod = self.pods.get(worker.number)
             if pod is not None:
                 self.api.annotate_pod(self.namespace, pod["metadata"]["name"], {builders.ANNOTATION_REPORTED: "true"})
-
-
-@dataclass(frozen=True)
-class _Launch:
-    """One trial's pod, built and announced, before the API has it."""
-
-    number: int
-    trial_id: int
-    body: dict[str, Any]
-    happening: Happening
-
-
-# Shared by every study's reconcile workers: the API calls of one pass's launches, side by side.
-# Its tasks never wait on each other, so a few threads are enough and cannot deadlock.
-_LAUNCHER = ThreadPoolExecutor(max_workers=8, thread_name_prefix="strata-launch")
 
 
 def _api_reason(error: ApiException) -> str:
