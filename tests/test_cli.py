@@ -139,7 +139,7 @@ def finished_study(request, tmp_path_factory) -> dict[str, Any]:
     warm workers (the default) and with a process per trial."""
     directory = tmp_path_factory.mktemp("tiny-study")
     study_file = write_study(directory)
-    result = strata("run", study_file, "--workers", "2", "--report", directory / "report.json", "--quiet",
+    result = strata("run", study_file, "--workers", "2", "--report", directory / "report.json",
                     *MODES[request.param], cwd=directory)
     assert result.returncode == 0, result.stdout + result.stderr
     return {"directory": directory, "study_file": study_file, "result": result,
@@ -170,7 +170,7 @@ def test_the_report_names_the_best_trial(finished_study):
     lowest = min(report["trials"], key=lambda t: t["value"])
     assert best["value"] == lowest["value"]
     assert best["params"] == report["trials"][best["number"]]["params"]
-    assert f"best: trial {best['number']} value {best['value']:.4f}" in finished_study["result"].stdout
+    assert f"best: trial {best['number']}, val_loss {best['value']:.4f}" in finished_study["result"].stdout
 
 
 @needs_fashion_mnist
@@ -203,13 +203,105 @@ def test_status_and_best_show_the_same_best_trial_by_file_and_by_storage(finishe
     status = strata("status", study_file, cwd=directory, timeout=60)
     status_json = strata("status", "--storage", storage, "--study", "tiny", "--json", cwd=directory, timeout=60)
 
-    for result in (by_file, by_storage, status, status_json):
+    by_journal_path = strata("best", "--storage", directory / "tiny.optuna.journal", "--study", "tiny", "--json",
+                             cwd=directory, timeout=60)  # a journal file as the optuna CLI takes it
+
+    for result in (by_file, by_storage, status, status_json, by_journal_path):
         assert result.returncode == 0, result.stderr
-    assert json.loads(by_file.stdout) == json.loads(by_storage.stdout) == best
+    assert by_file.stdout == by_storage.stdout
+    assert json.loads(by_journal_path.stdout) == best
     assert json.loads(status_json.stdout)["best"] == best
     assert best["model"] and 0 <= best["test_accuracy"] <= 1  # Fashion-MNIST's t10k images
-    assert (f"best: trial {best['number']} value {best['value']:.4f} test accuracy {best['test_accuracy']:.4f} "
-            f"params {json.dumps(best['params'])}") in status.stdout
+    shown = (f"best: trial {best['number']}, val_loss {best['value']:.4f}, test accuracy {best['test_accuracy']:.4f}, "
+             f"{best['model']}")
+    assert shown in status.stdout.splitlines() and by_file.stdout.splitlines()[0] == shown
+    assert by_file.stdout.splitlines()[1] == "  params: " + ", ".join(
+        f"{k}={v:.4g}" if isinstance(v, float) else f"{k}={v}" for k, v in best["params"].items())
+    header = next(line for line in status.stdout.splitlines() if "val_loss" in line)
+    assert header.split()[-2:] == ["convLayers", "learningRate"]  # a column per parameter
+    assert next(line for line in status.stdout.splitlines() if line.startswith("*")).split()[1] == str(best["number"])
+
+
+@needs_fashion_mnist
+def test_each_finished_trial_is_a_line_on_stderr_and_the_run_says_how_to_follow_it(finished_study):
+    stderr, trials = finished_study["result"].stderr, finished_study["report"]["trials"]
+    journal = finished_study["directory"] / "tiny.optuna.journal"
+
+    assert "\x1b" not in stderr and "\r" not in stderr  # not a terminal: plain lines
+    for trial in trials:
+        line = next(line for line in stderr.splitlines() if line.startswith(f"trial {trial['number']} "))
+        assert line.startswith(f"trial {trial['number']} complete: val_loss {trial['value']:.4f}"), line
+        if trial["reused_layers"]:
+            assert f"reused {trial['reused_layers']} layer" in line and f"of trial {trial['donor_trial']}" in line
+    assert sum("new best" in line for line in stderr.splitlines()) >= 1
+    assert f"follow it: optuna-dashboard {journal}" in stderr
+    assert re.search(r"^\[tiny\] done 4/4 .*elapsed \d\d:\d\d:\d\d$", stderr, re.MULTILINE), stderr
+
+
+@needs_fashion_mnist
+def test_optuna_tools_read_the_study_with_its_metric_name_and_its_spec_as_an_object(finished_study):
+    journal = finished_study["directory"] / "tiny.optuna.journal"
+    optuna_cli = Path(sys.executable).with_name("optuna")
+
+    listed = subprocess.run([str(optuna_cli), "trials", "--storage", str(journal), "--study-name", "tiny",
+                             "-f", "json"], capture_output=True, text=True, timeout=120)
+    study = optuna.load_study(study_name="tiny", storage=open_storage(f"journal://{journal}"))
+
+    assert listed.returncode == 0, listed.stderr
+    assert [t["number"] for t in json.loads(listed.stdout)] == [0, 1, 2, 3]
+    assert study.metric_names == ["val_loss"]
+    spec = study.user_attrs["strata.spec"]
+    assert isinstance(spec, dict) and spec["searchSpace"]["convLayers"] == {"type": "int", "low": 1, "high": 3,
+                                                                            "step": 1, "log": False}
+
+
+def test_version_and_help_on_every_option():
+    import argparse
+
+    from strata.cli import build_parser
+
+    version = subprocess.run([str(STRATA), "--version"], capture_output=True, text=True, timeout=60)
+    assert version.returncode == 0 and re.fullmatch(r"strata \S+\n", version.stdout), version
+    parser = build_parser()
+    commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
+    assert set(commands) == {"run", "status", "best"}
+    for name, command in commands.items():
+        for action in command._actions:
+            assert action.help and action.help.strip(), (name, action.dest)
+        assert "--json" in command.format_help()
+
+
+@needs_fashion_mnist
+def test_a_closed_pipe_ends_quietly(finished_study):
+    # `strata status --json | head -c0`: the reader is gone before strata writes.
+    process = subprocess.Popen([str(STRATA), "status", finished_study["study_file"], "--json"],
+                               cwd=finished_study["directory"], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    process.stdout.close()
+    stderr = process.stderr.read().decode()
+    assert process.wait(timeout=60) == 128 + signal.SIGPIPE
+    assert stderr == ""
+
+
+@needs_fashion_mnist
+def test_a_changed_study_file_is_refused_with_what_changed_and_nothing_is_written(finished_study):
+    directory = finished_study["directory"]
+    document = yaml.safe_load(finished_study["study_file"].read_text())
+    document["spec"]["training"]["epochs"] = 2
+    document["spec"]["searchSpace"]["learningRate"]["choices"] = [0.001, 0.01]
+    document["spec"]["trials"]["max"] = 6  # more trials alone would pass
+    changed = directory / "changed.yaml"
+    changed.write_text(yaml.safe_dump(document))
+    before = (directory / "tiny.optuna.journal").read_bytes()
+
+    result = strata("run", changed, "--storage", directory / "tiny.optuna.journal", "--quiet", cwd=directory,
+                    timeout=120)
+
+    assert result.returncode == 2, result.stdout + result.stderr
+    message = result.stderr.strip().splitlines()[-1]
+    assert message.startswith(f"strata: {changed} changed since study tiny last ran (searchSpace.learningRate."
+                              "choices: [0.001, 0.003] -> [0.001, 0.01]; training.epochs: 1 -> 2)"), message
+    assert "--allow-spec-change" in message and "trials.max" not in message
+    assert (directory / "tiny.optuna.journal").read_bytes() == before
 
 
 # --- interrupt and resume ------------------------------------------------------------------------

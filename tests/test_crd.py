@@ -993,13 +993,42 @@ def test_kubectl_applies_every_example_and_lists_them(kubectl):
     assert sorted(row.split()[0] for row in rows) == names and len(names) >= 3
 
 
-def test_kubectl_get_shows_phase_completed_running_best_reused_and_age():
+def test_kubectl_get_shows_phase_completed_running_best_reused_and_age_and_more_with_o_wide():
     columns = VERSION["additionalPrinterColumns"]
-    assert [c["name"] for c in columns] == ["Phase", "Completed", "Running", "Best", "Reused", "Age"]
+    assert [c["name"] for c in columns if not c.get("priority")] == ["Phase", "Completed", "Running", "Best",
+                                                                     "Reused", "Age"]
+    assert [c["name"] for c in columns if c.get("priority") == 1] == ["Metric", "Sampler", "Reuse", "Saved",
+                                                                      "Message"]
     assert {c["name"]: c["jsonPath"] for c in columns} == {
         "Phase": ".status.phase", "Completed": ".status.completed", "Running": ".status.trials.running",
-        "Best": ".status.best.value", "Reused": ".status.reuse.trials", "Age": ".metadata.creationTimestamp"}
+        "Best": ".status.best.display", "Reused": ".status.reuse.trials", "Age": ".metadata.creationTimestamp",
+        "Metric": ".spec.objective.metric", "Sampler": ".spec.sampler.name", "Reuse": ".status.reuse.rate",
+        "Saved": ".status.reuse.secondsSaved", "Message": ".status.message"}
     assert {c["name"]: c["type"] for c in columns}["Age"] == "date"
+    assert {c["name"]: c["type"] for c in columns}["Best"] == "string"  # 0.4383, not 0.43829917907714844
+
+
+def test_kubectl_shows_best_to_4_digits_and_o_wide_shows_what_the_study_is_doing(kubectl, k8s_api):
+    from strata.kube.builders import build_status
+    from strata.scheduler import Best, Outcome, Progress
+
+    kubectl("apply", "-f", str(ROOT / "crds" / "hpostudy.yaml"))
+    manifest = yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())
+    manifest["metadata"]["name"] = "shown"
+    k8s_api.create("hpostudies", manifest)
+    progress = Progress(complete=3, finished=3, running=2, configs=5, reused_trials=2,
+                        best=Best(1, 0.43829917907714844, {"convLayers": 2}))
+    outcome = Outcome(False, "Running", "TrialsRunning", "3 of 8 trials finished, 2 running; best 0.4383 (trial 1)")
+    status = build_status({}, progress, outcome, max_trials=8, optuna_name="default.shown", generation=1)
+    k8s_api.patch("hpostudies", "shown", {"status": status}, subresource="status")
+
+    header, row = kubectl("get", "hpostudy", "shown").stdout.splitlines()
+    assert row.split() == ["shown", "Running", "3/8", "2", "0.4383", "2", row.split()[-1]]
+    header, row = kubectl("get", "hpostudy", "shown", "-o", "wide").stdout.splitlines()
+    assert header.split()[-5:] == ["METRIC", "SAMPLER", "REUSE", "SAVED", "MESSAGE"]
+    assert row.split()[7:12] == ["val_loss", manifest["spec"].get("sampler", {}).get("name", "tpe"), "67%", "0",
+                                 "3"]
+    assert row.endswith("3 of 8 trials finished, 2 running; best 0.4383 (trial 1)")
 
 
 def test_the_crd_has_a_status_subresource_a_short_name_and_one_served_stored_version():

@@ -1,10 +1,11 @@
 """`strata run | status | best`: the same study file on one machine, on embedded defaults.
 
-    strata run study.yaml [--storage URL] [--checkpoints DIR|s3://bucket] [--workers N] [--report out.json]
-    strata status study.yaml | --storage URL --study NAME
-    strata best   study.yaml | --storage URL --study NAME
+    strata run study.yaml [--storage URL] [--checkpoints DIR|s3://bucket] [--workers N] [--json] [--report out.json]
+    strata status study.yaml | --storage URL --study NAME  [--json]
+    strata best   study.yaml | --storage URL --study NAME  [--json]
 
-Bad input is one line on stderr naming the field, exit code 2, and nothing written.
+Bad input is one line on stderr naming the field, exit code 2, and nothing written. What a person
+reads (the live display, the tables) is strata.console; --json prints the report's shape instead.
 """
 
 from __future__ import annotations
@@ -20,6 +21,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from strata.console import ProgressDisplay, TrialEvents, best_lines, print_summary
 from strata.spec import HPOStudy, SpecError, load_study_file
 
 EXIT_OK, EXIT_STUDY_FAILED, EXIT_USAGE, EXIT_INTERRUPTED = 0, 1, 2, 130
@@ -100,11 +102,38 @@ def _resolve(args: argparse.Namespace) -> tuple[HPOStudy | None, str, str]:
     if not name:
         raise UsageError("give a study file or --study NAME")
     storage = args.storage or (study and study.spec.storage.optuna_url) or None
+    if storage and "://" not in storage and Path(storage).is_file():  # a journal file, as optuna's CLI takes it
+        storage = f"journal://{Path(storage).resolve()}"
     if not storage:
         if not study:
             raise UsageError("give a study file or --storage URL")
         storage = default_storage_url(Path(args.study_file), name)
     return study, storage, name
+
+
+def refuse_changed_spec(spec, name: str, storage, args: argparse.Namespace) -> None:
+    """A study file changed since the study last ran: refuse, saying what changed, unless asked not to.
+
+    Trials trained under another model, search space or training would be ranked together with the
+    new ones. Changes that keep trials comparable (more trials, parallelism, timeouts, storage,
+    placement, the sampler, the pruner, the goal) pass: see strata.spec.RESUMABLE_CHANGES."""
+    from strata.spec import parse_spec, spec_changes, spec_to_json
+    from strata.study import stored_spec
+
+    before = stored_spec(name, storage)
+    if before is None or getattr(args, "allow_spec_change", False):
+        return
+    try:
+        before = spec_to_json(parse_spec(before))  # the defaults of this version on both sides
+    except SpecError:
+        pass
+    changes = spec_changes(before, spec_to_json(spec))
+    if changes:
+        shown = "; ".join(changes[:8]) + (f"; and {len(changes) - 8} more" if len(changes) > 8 else "")
+        raise UsageError(
+            f"{args.study_file} changed since study {name} last ran ({shown}); its {len(changes)} changed "
+            f"setting(s) would mix trials trained differently. Run it as a new study (another metadata.name), "
+            f"or pass --allow-spec-change to go on with the new settings")
 
 
 # --- run ---------------------------------------------------------------------------------------
@@ -119,7 +148,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     from strata.registry import LayerRegistry
     from strata.runner import run_loop
     from strata.scheduler import TrialScheduler
-    from strata.study import StorageError, create_or_load_study, open_storage
+    from strata.study import StorageError, create_or_load_study, open_storage, optuna_cli_storage
 
     command_started = time.monotonic()  # the report's wall time is the whole command's
     study, storage_url, name = _resolve(args)
@@ -166,6 +195,7 @@ def cmd_run(args: argparse.Namespace) -> int:
             storage = open_storage(storage_url)
         except StorageError as error:
             raise UsageError(f"--storage: {error}") from None
+        refuse_changed_spec(spec, name, storage, args)
     except BaseException:
         executor.stop_all()  # nothing was written: the workers' output was held in memory
         executor.close()
@@ -181,22 +211,26 @@ def cmd_run(args: argparse.Namespace) -> int:
         optuna_study.set_user_attr(ATTR_DATA_CHECK, data_verdict)
     scheduler = TrialScheduler(optuna_study, spec, registry)
 
-    display = ProgressDisplay(name, spec.trials.max, quiet=args.quiet)
+    events = TrialEvents(optuna_study, spec.objective.metric, log_path=executor.log_path)
+    display = ProgressDisplay(name, spec.trials.max, events, quiet=args.quiet)
     stop = threading.Event()
     previous = signal.signal(signal.SIGINT, lambda *_: stop.set())
     signal.signal(signal.SIGTERM, lambda *_: stop.set())
     kind = "warm worker(s)" if spec.execution.mode == "warmWorkers" else "process(es) per trial"
-    print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} {kind}, logs {log_dir}",
-          file=sys.stderr)
+    print(f"study {name}: storage {redact(storage_url)}, checkpoints {checkpoints}, {parallel} {kind}, logs {log_dir}\n"
+          f"  follow it: optuna-dashboard {optuna_cli_storage(storage_url)}", file=sys.stderr)
     try:
         outcome = run_loop(scheduler, executor, parallel, stop=stop, on_progress=display.update)
     finally:
+        display.close()
         executor.close()
         signal.signal(signal.SIGINT, previous)
-    display.close()
     wall = time.monotonic() - command_started
     report = build_report(optuna_study, scheduler, outcome.phase, wall)
-    print_summary(report, sys.stdout)
+    if args.json:
+        print(json.dumps(report, indent=2, default=str))
+    else:
+        print_summary(report, sys.stdout)
     if args.report:
         Path(args.report).write_text(json.dumps(report, indent=2, default=str))
     if outcome.phase == "Interrupted":
@@ -206,38 +240,6 @@ def cmd_run(args: argparse.Namespace) -> int:
         print(f"study failed: {outcome.message}", file=sys.stderr)
         return EXIT_STUDY_FAILED
     return EXIT_OK
-
-
-class ProgressDisplay:
-    """One live line on a terminal; a line per change otherwise (logs, CI)."""
-
-    def __init__(self, name: str, total: int, quiet: bool = False):
-        self.name, self.total, self.quiet = name, total, quiet
-        self.tty = sys.stderr.isatty()
-        self._last = ""
-
-    def update(self, progress, outcome, plan) -> None:
-        if self.quiet:
-            return
-        best = f"{progress.best.value:.4f} (#{progress.best.number})" if progress.best else "-"
-        line = (f"[{self.name}] done {progress.complete + progress.pruned}/{self.total}  running {progress.running}  "
-                f"waiting {progress.waiting}  pruned {progress.pruned}  failed {progress.failed}  best {best}  "
-                f"reuse {progress.reuse_rate:.0%}")
-        registry_errors = progress.registry_load_failures + progress.registry_publish_failures
-        if registry_errors:
-            line += f"  registry errors {registry_errors}"
-        if line == self._last:
-            return
-        self._last = line
-        if self.tty:
-            sys.stderr.write("\r\x1b[2K" + line)
-        else:
-            sys.stderr.write(line + "\n")
-        sys.stderr.flush()
-
-    def close(self) -> None:
-        if self.tty and not self.quiet:
-            sys.stderr.write("\n")
 
 
 def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
@@ -267,6 +269,7 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
     return {
         "study": optuna_study.study_name,
         "phase": phase,
+        "metric": scheduler.spec.objective.metric,
         "direction": scheduler.spec.objective.resolved_direction,
         "best": best_as_json(best) if best else None,
         "summary": {
@@ -286,30 +289,6 @@ def best_as_json(best) -> dict[str, Any]:
     """The best trial as `strata best`, `status --json` and the report show it."""
     return {"number": best.number, "value": best.value, "params": best.params, "model": best.model,
             "test_accuracy": best.test_accuracy}
-
-
-def print_summary(report: dict[str, Any], out) -> None:
-    rows = [("#", "state", "value", "reused", "secs", "params")]
-    for t in report["trials"]:
-        value = f"{t['value']:.4f}" if t["value"] is not None else "-"
-        secs = f"{t['train_seconds']:.1f}" if t["train_seconds"] is not None else "-"
-        params = " ".join(f"{k}={v}" for k, v in t["params"].items())
-        rows.append((str(t["number"]), t["state"], value, str(t["reused_layers"]), secs, params))
-    widths = [max(len(r[i]) for r in rows) for i in range(5)]
-    for row in rows:
-        out.write("  ".join(cell.ljust(w) for cell, w in zip(row, widths)) + "  " + row[5] + "\n")
-    s = report["summary"]
-    out.write(f"\n{report['study']}: {report['phase']}; {s['complete']} complete, {s['pruned']} pruned, "
-              f"{s['failed']} failed; reuse {s['reuse_rate']:.0%} of trials ({s['reused_layers']} layers), "
-              f"~{s['seconds_saved_estimate']:.0f} s saved; {s['shared_feature_hits']} read frozen outputs another "
-              f"trial computed\n")
-    if s.get("registry_load_failures") or s.get("registry_publish_failures"):
-        out.write(f"layer registry: {s['registry_load_failures']} load failure(s), {s['registry_publish_failures']} "
-                  f"publish failure(s): those trials lost reuse (see the trial logs)\n")
-    if report["best"]:
-        b = report["best"]
-        test = f" test accuracy {b['test_accuracy']:.4f}" if b.get("test_accuracy") is not None else ""
-        out.write(f"best: trial {b['number']} value {b['value']:.4f}{test} params {json.dumps(b['params'])}\n")
 
 
 # --- status / best -----------------------------------------------------------------------------
@@ -346,32 +325,60 @@ def cmd_best(args: argparse.Namespace) -> int:
     if best is None:
         print("no completed trial yet", file=sys.stderr)
         return EXIT_STUDY_FAILED
-    print(json.dumps(best_as_json(best), indent=2))
+    if args.json:
+        print(json.dumps(best_as_json(best), indent=2))
+    else:
+        for line in best_lines(best_as_json(best), scheduler.spec.objective.metric):
+            print(line)
     return EXIT_OK
 
 
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("strata")
+    except PackageNotFoundError:  # run from a source tree that was never installed
+        return "unknown"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="strata", description="Hyperparameter optimisation with layer reuse.")
-    sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run a study file on this machine")
-    run.add_argument("study_file")
-    run.add_argument("--storage", help="Optuna storage URL (default: a journal file next to the study)")
-    run.add_argument("--checkpoints", help="layer registry: a directory or s3://bucket/prefix")
-    run.add_argument("--workers", type=int, help="trials at once (default: spec.trials.parallel)")
+    parser = argparse.ArgumentParser(prog="strata", description="Hyperparameter optimisation with layer reuse: "
+                                     "run an HPOStudy file on this machine, or read a study's results.")
+    parser.add_argument("--version", action="version", version=f"strata {_version()}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,status,best}")
+    run = sub.add_parser("run", help="run a study file on this machine",
+                         description="Run a study file on this machine, on embedded defaults: a journal file and "
+                                     "a checkpoint folder next to it. Run it again to resume.")
+    run.add_argument("study_file", help="the HPOStudy manifest (YAML), the same file kubectl applies")
+    run.add_argument("--storage", metavar="URL",
+                     help="Optuna storage: a database URL, journal:///path or a journal file's path "
+                          "(default: spec.storage.optunaUrl, else a journal file next to the study)")
+    run.add_argument("--checkpoints", metavar="DIR|s3://BUCKET/PREFIX",
+                     help="layer registry: a directory or s3://bucket/prefix (default: spec.storage.checkpoints, "
+                          "else a folder next to the study)")
+    run.add_argument("--workers", type=int, metavar="N", help="trials at once (default: spec.trials.parallel)")
     run.add_argument("--per-trial-processes", action="store_true",
                      help="run each trial in a fresh process (isolation) instead of warm workers "
                           "(spec.execution.mode: perTrial)")
-    run.add_argument("--report", help="write a JSON report here")
-    run.add_argument("--logs", help="directory for trial logs (default: next to the study)")
-    run.add_argument("--quiet", action="store_true", help="no live progress line")
+    run.add_argument("--report", metavar="FILE", help="also write the JSON report (as --json prints it) to FILE")
+    run.add_argument("--logs", metavar="DIR", help="directory for trial logs (default: next to the study)")
+    run.add_argument("--quiet", action="store_true", help="no live progress and no per-trial lines on stderr")
+    run.add_argument("--json", action="store_true", help="print the final report as JSON instead of the table")
+    run.add_argument("--allow-spec-change", action="store_true",
+                     help="go on with a study whose model, search space, training or reuse settings changed "
+                          "since it last ran (its earlier trials were trained under the old settings)")
     run.set_defaults(func=cmd_run)
-    for name, func, text in (("status", cmd_status, "show a study's trials"), ("best", cmd_best, "print the best trial")):
-        p = sub.add_parser(name, help=text)
-        p.add_argument("study_file", nargs="?")
-        p.add_argument("--storage")
-        p.add_argument("--study")
-        if name == "status":
-            p.add_argument("--json", action="store_true")
+    for name, func, text in (("status", cmd_status, "show a study's trials and summary"),
+                             ("best", cmd_best, "show the best trial")):
+        p = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}, by study file or by "
+                                                        "--storage and --study.")
+        p.add_argument("study_file", nargs="?", help="the HPOStudy manifest the study ran from")
+        p.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (default: the study "
+                                                        "file's storage)")
+        p.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the study "
+                                                       "file's metadata.name)")
+        p.add_argument("--json", action="store_true", help="print JSON (the report's shape) instead of text")
         p.set_defaults(func=func)
     return parser
 
@@ -381,6 +388,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=os.environ.get("STRATA_LOG_LEVEL", "WARNING"), format="%(levelname)s %(name)s: %(message)s")
     try:
         return args.func(args)
+    except BrokenPipeError:
+        # `strata status --json | head`: the reader left. Python would print a traceback flushing stdout
+        # at exit; point stdout at /dev/null instead and end as a process killed by SIGPIPE reads.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return 128 + signal.SIGPIPE
     except (SpecError, UsageError) as error:
         print(f"strata: {error}", file=sys.stderr)
         return EXIT_USAGE

@@ -140,6 +140,18 @@ CONTEXT_DOCS = {
     ("dataset", "name"): "Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder or npz.",
     ("pruner", "startupTrials"): "Trials that finish before the pruner starts pruning.",
     ("sampler", "startupTrials"): "Random trials before the sampler starts modelling (tpe, gp).",
+    ("sampler", "seed"): "Seed of the sampler: the same seed proposes the same configurations, for reproducible "
+                         "studies (unset: a fresh seed each run).",
+    ("training", "seed"): "Seed of every trial's weight initialisation, data order and subset (the validation split "
+                          "is fixed by it too), so trials differ only in their hyperparameters.",
+    ("reuse", "enabled"): "Reuse trained layers: a trial starts from the deepest matching prefix an earlier trial "
+                          "trained (false: every trial trains from scratch, as a plain HPO study does).",
+    ("gpu", "enabled"): "Send trials to GPU nodes: those at least minConvLayers deep or minFilters wide (neither "
+                        "set: every trial), with gpu.count GPUs each; the others stay on CPU nodes.",
+    ("gpu", "nodeSelector"): "Node labels a GPU trial's pod must match, added to trainer.nodeSelector (at most 64; "
+                             "empty: the operator's configured GPU pool).",
+    ("gpu", "tolerations"): "Tolerations of GPU trials' pods, added to trainer.tolerations (at most 32; empty: the "
+                            "operator's configured GPU pool's).",
 }
 
 
@@ -270,6 +282,8 @@ STATUS_SCHEMA: dict[str, Any] = {
         "best": {"type": "object", "nullable": True, "description": "The best trial so far.", "properties": {
             "number": {"type": "integer", "description": "Optuna trial number."},
             "value": {"type": "number", "description": "Its objective value."},
+            "display": {"type": "string", "description": "Its objective value to 4 significant digits, as "
+                                                         "`kubectl get` shows it (BEST)."},
             "testAccuracy": {"type": "number", "description": "Accuracy of its best-epoch weights on the held-out "
                                                               "test split (trials are chosen on validation only)."},
             "model": {"type": "string", "description": "Its network, e.g. resnet-20."},
@@ -278,7 +292,8 @@ STATUS_SCHEMA: dict[str, Any] = {
         "reuse": {"type": "object", "description": "What layer reuse did for this study.", "properties": {
             "trials": {"type": "integer", "description": "Finished trials that reused trained layers."},
             "layers": {"type": "integer", "description": "Conv layers those trials reused, in total."},
-            "secondsSaved": {"type": "number", "description": "Estimated training seconds saved by reuse."}}},
+            "secondsSaved": {"type": "number", "description": "Estimated training seconds saved by reuse."},
+            "rate": {"type": "string", "description": "Share of finished trials that reused layers, e.g. 40%."}}},
         "conditions": {"type": "array",
                        "description": "Ready, Running, Complete, Failed and Degraded (a dependency is down: which, "
                                       "since when) conditions.",
@@ -318,9 +333,20 @@ def build_crd() -> dict[str, Any]:
                     {"name": "Phase", "type": "string", "jsonPath": ".status.phase"},
                     {"name": "Completed", "type": "string", "jsonPath": ".status.completed"},
                     {"name": "Running", "type": "integer", "jsonPath": ".status.trials.running"},
-                    {"name": "Best", "type": "number", "jsonPath": ".status.best.value"},
-                    {"name": "Reused", "type": "integer", "jsonPath": ".status.reuse.trials"},
+                    {"name": "Best", "type": "string", "jsonPath": ".status.best.display",
+                     "description": "The best trial's objective value, to 4 significant digits."},
+                    {"name": "Reused", "type": "integer", "jsonPath": ".status.reuse.trials",
+                     "description": "Finished trials that reused trained layers."},
                     {"name": "Age", "type": "date", "jsonPath": ".metadata.creationTimestamp"},
+                    # -o wide
+                    {"name": "Metric", "type": "string", "jsonPath": ".spec.objective.metric", "priority": 1},
+                    {"name": "Sampler", "type": "string", "jsonPath": ".spec.sampler.name", "priority": 1},
+                    {"name": "Reuse", "type": "string", "jsonPath": ".status.reuse.rate", "priority": 1,
+                     "description": "Share of finished trials that reused layers."},
+                    {"name": "Saved", "type": "number", "jsonPath": ".status.reuse.secondsSaved", "priority": 1,
+                     "description": "Estimated training seconds saved by reuse."},
+                    {"name": "Message", "type": "string", "jsonPath": ".status.message", "priority": 1,
+                     "description": "What the study is doing, or why it stopped."},
                 ],
                 "schema": {"openAPIV3Schema": {
                     "type": "object",

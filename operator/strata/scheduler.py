@@ -209,8 +209,10 @@ class TrialScheduler:
                            f"{p.finished} of {target} trials finished" + ("" if p.complete else ", none completed"))
         if self.spec.suspend:
             return Outcome(False, "Suspended", "Suspended", "spec.suspend is true: no new trials are started")
+        waiting = f", {p.waiting} waiting for a donor or a slot" if p.waiting else ""
+        best = f"; best {p.best.value:.4g} (trial {p.best.number})" if p.best is not None else ""
         return Outcome(False, "Running" if p.configs or active else "Pending", "TrialsRunning",
-                       f"{p.finished} of {target} trials finished, {len(active)} running")
+                       f"{p.finished} of {target} trials finished, {len(active)} running{waiting}{best}")
 
     def _target(self) -> int:
         if self.spec.sampler.name == "grid":

@@ -13,6 +13,7 @@ Field names are camelCase in YAML (Kubernetes convention) and snake_case in Pyth
 from __future__ import annotations
 
 import itertools
+import json
 import re
 from decimal import Decimal
 from fractions import Fraction
@@ -876,6 +877,34 @@ def load_study_file(path: str | Path) -> HPOStudy:
 def spec_to_json(spec: StudySpec) -> dict[str, Any]:
     """The spec as the manifest spells it (camelCase), for Optuna user attrs and the CRD."""
     return spec.model_dump(mode="json", by_alias=True, exclude_none=True)
+
+
+# What a study may change between runs without mixing unlike trials: how many run and how long,
+# where they run and are stored, and how the next one is chosen or stopped early. Everything else
+# (the model, the search space, the training, reuse) changes what a trial's value means.
+RESUMABLE_CHANGES = ("trials", "storage", "trainer", "execution", "suspend", "sampler", "pruner", "objective.goal")
+
+
+def spec_changes(before: dict[str, Any], after: dict[str, Any]) -> list[str]:
+    """The settings that changed a trial's meaning between two specs (as spec_to_json spells them),
+    each as `path: old -> new`; empty if the only changes are RESUMABLE_CHANGES."""
+    changes: list[str] = []
+
+    def walk(path: str, old: Any, new: Any) -> None:
+        if any(path == safe or path.startswith(safe + ".") for safe in RESUMABLE_CHANGES):
+            return
+        if isinstance(old, dict) and isinstance(new, dict):
+            for key in sorted(set(old) | set(new), key=str):
+                walk(f"{path}.{key}" if path else str(key), old.get(key), new.get(key))
+        elif old != new:
+            changes.append(f"{path}: {_short(old)} -> {_short(new)}")
+    walk("", before, after)
+    return changes
+
+
+def _short(value: Any) -> str:
+    text = "(unset)" if value is None else json.dumps(value, sort_keys=True)
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 # Descriptions of every spec field, by its manifest name (the CRD's `kubectl explain` text).

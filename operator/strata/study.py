@@ -284,6 +284,14 @@ class PassSnapshot:
         return copy.deepcopy(trials) if deepcopy else list(trials)
 
 
+def optuna_cli_storage(url: str) -> str:
+    """The storage as the optuna CLI and optuna-dashboard take it: a journal file's plain path (they do
+    not know journal://), a database URL as is but with its password hidden (put it back yourself)."""
+    from strata.redaction import redact as redact_url
+
+    return url[len("journal://"):] if url.startswith("journal://") else redact_url(url)
+
+
 def redact(url: str) -> str:
     """Hide a password in a database URL before it reaches a log, an Event or a status.
 
@@ -383,10 +391,28 @@ def create_or_load_study(spec: StudySpec, name: str, storage: optuna.storages.Ba
     if study.direction.name.lower() != spec.objective.resolved_direction:
         raise StorageError(f"study {name} exists with direction {study.direction.name.lower()}; "
                            f"the spec asks for {spec.objective.resolved_direction}")
-    encoded = json.dumps(spec_to_json(spec), sort_keys=True)
-    if study.user_attrs.get(SPEC_ATTR) != encoded:
-        study.set_user_attr(SPEC_ATTR, encoded)
+    # The spec as an object, not an escaped string: the optuna CLI and optuna-dashboard show it readably.
+    stored = spec_to_json(spec)
+    if study.user_attrs.get(SPEC_ATTR) != stored:
+        study.set_user_attr(SPEC_ATTR, stored)
+    if study.metric_names != [spec.objective.metric]:  # the dashboard and the plots name the objective
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            study.set_metric_names([spec.objective.metric])
     return study
+
+
+def stored_spec(name: str, storage: optuna.storages.BaseStorage) -> dict[str, Any] | None:
+    """The spec a study was last run with (as the manifest spells it), or None if there is no such study."""
+    try:
+        study_id = storage.get_study_id_from_name(name)
+    except KeyError:
+        return None
+    return _decode_spec(storage.get_study_user_attrs(study_id).get(SPEC_ATTR))
+
+
+def _decode_spec(raw: Any) -> dict[str, Any] | None:
+    return json.loads(raw) if isinstance(raw, str) else raw  # a string: a study from before 0.x kept it so
 
 
 def load_study(name: str, storage: optuna.storages.BaseStorage | str) -> tuple[optuna.Study, StudySpec]:
@@ -401,6 +427,6 @@ def load_study(name: str, storage: optuna.storages.BaseStorage | str) -> tuple[o
     raw = probe.user_attrs.get(SPEC_ATTR)
     if raw is None:
         raise StorageError(f"study {name!r} was not created by strata (no {SPEC_ATTR} attribute)")
-    spec = parse_spec(json.loads(raw))
+    spec = parse_spec(_decode_spec(raw))
     study = optuna.load_study(study_name=name, storage=storage, sampler=build_sampler(spec), pruner=build_pruner(spec))
     return study, spec

@@ -346,11 +346,11 @@ def build_status(previous: dict[str, Any], progress: Progress, outcome: Outcome,
                    "failed": progress.failed, "retried": progress.retried, "running": progress.running,
                    "waiting": progress.waiting, "finished": progress.finished},
         "completed": f"{progress.finished}/{max_trials}",
-        "best": omit_none({"number": best.number, "value": best.value,
+        "best": omit_none({"number": best.number, "value": best.value, "display": f"{best.value:.4g}",
                            "params": {k: str(v) for k, v in best.params.items()},
                            "testAccuracy": best.test_accuracy, "model": best.model}) if best else None,
         "reuse": {"trials": progress.reused_trials, "layers": progress.reused_layers,
-                  "secondsSaved": round(progress.seconds_saved, 1)},
+                  "secondsSaved": round(progress.seconds_saved, 1), "rate": f"{progress.reuse_rate:.0%}"},
         "conditions": conditions,
     })
 
