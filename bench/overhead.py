@@ -39,6 +39,8 @@ sys.path.insert(0, str(ROOT))
 
 import yaml  # noqa: E402
 
+from strata.study import attr_time  # noqa: E402
+
 STRATA = Path(sys.executable).with_name("strata")
 TARGETS = {"overhead_seconds": 0.3, "reuse_wall_share": 0.9, "handoff_p95_seconds": 1.0}
 
@@ -160,8 +162,8 @@ def handoff_part(quick: bool, work: Path) -> dict[str, Any]:
             rig.wait_phase(name, ("Succeeded", "Failed"), timeout=1800)
             wall = time.monotonic() - started
             done = sorted((t for t in optuna_trials(rig.database_url, name) if t.state.name == "COMPLETE"),
-                          key=lambda t: t.user_attrs["strata.training_started"])
-            gaps = [b.user_attrs["strata.training_started"] - a.datetime_complete.timestamp()
+                          key=lambda t: attr_time(t.user_attrs["strata.training_started"]))
+            gaps = [attr_time(b.user_attrs["strata.training_started"]) - a.datetime_complete.timestamp()
                     for a, b in zip(done, done[1:])]
             train = sum(float(t.user_attrs.get("train_seconds") or 0) for t in done)
             arms[label] = {"count": len(gaps), "median": statistics.median(gaps), "p95": _p95(gaps), "gaps": gaps,

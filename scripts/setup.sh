@@ -21,7 +21,7 @@ if [ ! -f "$stamp" ] || [ "$(cat "$stamp")" != "$want" ]; then
   [ -x .venv/bin/python ] || python3 -m venv .venv
   .venv/bin/python -m pip install -q --upgrade pip
   # torch==2.14.1 and torchvision==0.29.1 are pinned in pyproject.toml: never let pip pick a newer CUDA build.
-  .venv/bin/python -m pip install -q -e '.[trainer,operator,bench,dev]' 2>&1 | grep -v '^WARNING: Location' || true
+  .venv/bin/python -m pip install -q -e '.[trainer,operator,bench,report,dev]' 2>&1 | grep -v '^WARNING: Location' || true
   .venv/bin/python -c "import torch, torchvision, optuna, kopf, strata, strata_trainer" 
   echo "$want" > "$stamp"
 fi

@@ -255,6 +255,23 @@ def test_optuna_tools_read_the_study_with_its_metric_name_and_its_spec_as_an_obj
                                                                             "step": 1, "log": False}
 
 
+@needs_fashion_mnist
+def test_report_draws_the_studys_plots_and_a_page_that_shows_them(finished_study, tmp_path):
+    result = strata("report", finished_study["study_file"], "--out", tmp_path / "plots",
+                    cwd=finished_study["directory"], timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    written = [Path(line) for line in result.stdout.splitlines()]
+    assert [p.name for p in written] == ["best-over-time.png", "timeline.png", "reuse-saved.png",
+                                         "distributions.png", "history.png", "slice.png", "index.html"]
+    for png in written[:-1]:
+        assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and png.stat().st_size > 5_000, png
+    page = written[-1].read_text()
+    assert all(f'src="{p.name}"' in page for p in written[:-1])
+    assert "tiny: Succeeded" in page and "4 complete" in page
+    assert result.stderr == ""  # no warnings on the user's terminal
+
+
 def test_version_and_help_on_every_option():
     import argparse
 
@@ -264,11 +281,11 @@ def test_version_and_help_on_every_option():
     assert version.returncode == 0 and re.fullmatch(r"strata \S+\n", version.stdout), version
     parser = build_parser()
     commands = next(a for a in parser._actions if isinstance(a, argparse._SubParsersAction)).choices
-    assert set(commands) == {"run", "status", "best"}
+    assert set(commands) == {"run", "status", "best", "report"}
     for name, command in commands.items():
         for action in command._actions:
             assert action.help and action.help.strip(), (name, action.dest)
-        assert "--json" in command.format_help()
+        assert name == "report" or "--json" in command.format_help()
 
 
 @needs_fashion_mnist

@@ -183,6 +183,22 @@ def test_each_trial_of_the_chain_starts_once_its_donor_has_published(simulate):
     assert sim.launched_with_donor == {2: True, 1: True, 0: True}
 
 
+def test_a_trial_that_waited_for_its_donor_keeps_the_wait_apart_from_its_run_time(simulate):
+    # Optuna's duration runs from the ask; the wait for a donor is recorded as queued_seconds.
+    sim = simulate(study_spec(trials={"max": 2, "parallel": 1}))
+    sim.sampler_proposes(with_depth(DEEP, 2))
+    assert sim.plan(free_slots=1).launch == [1]  # the donor, asked and started in one pass
+    time.sleep(0.6)
+    sim.complete(1)
+
+    assert sim.plan(free_slots=1).launch == [0]
+
+    waited = sim.trial(0)
+    assert waited.user_attrs["queued_seconds"] >= 0.6
+    assert waited.user_attrs["queued_seconds"] <= (waited.datetime_start.now() - waited.datetime_start).total_seconds()
+    assert "queued_seconds" not in sim.trial(1).user_attrs
+
+
 def test_a_deep_proposal_whose_donor_is_published_starts_at_once(simulate):
     sim = simulate(study_spec())
     sim.sampler_proposes(with_depth(DEEP, 2))

@@ -265,3 +265,18 @@ def test_four_conv_layers_still_fit_a_16x16_input():
     spec = parse_study(manifest(spec__searchSpace__convLayers={"type": "int", "low": 1, "high": 4})).spec
 
     check_space_fits_input(spec)  # 16 -> 8 -> 4 -> 2 -> 1
+
+
+def test_every_attr_name_follows_the_one_scheme():
+    # Results a person reads: plain snake_case; Strata's bookkeeping: strata.snake_case.
+    import re
+
+    from strata import scheduler, study
+
+    names = {name: value for module in (study, scheduler) for name, value in vars(module).items()
+             if (name.startswith("ATTR_") or name == "SPEC_ATTR") and isinstance(value, str)}
+    assert len(names) >= 30
+    for constant, value in names.items():
+        assert re.fullmatch(r"(strata\.)?[a-z][a-z0-9]*(_[a-z0-9]+)*", value), (constant, value)
+    people = {v for v in names.values() if not v.startswith("strata.")}
+    assert {"train_seconds", "reused_layers", "queued_seconds", "seconds_saved_estimate", "fail_reason"} <= people

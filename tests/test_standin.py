@@ -30,7 +30,7 @@ from strata.scheduler import TrialScheduler
 from strata.spec import parse_spec
 from strata.study import (
     ATTR_ASSIGNED, ATTR_DATA_CHECK, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_MODEL, ATTR_REUSED_LAYERS,
-    ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, ATTR_WORKER, create_or_load_study, data_check_key, distributions, open_storage,
+    ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, ATTR_WORKER, attr_time, create_or_load_study, data_check_key, distributions, open_storage,
 )
 from strata.workers import WarmWorkerExecutor
 from strata_trainer.standin import (
@@ -96,7 +96,8 @@ def test_a_trial_process_reports_each_epoch_sets_the_trainers_attrs_and_tells_a_
     attrs = frozen.user_attrs
     assert attrs[ATTR_REUSED_LAYERS] == 0 and attrs[ATTR_EPOCHS_RUN] == 3 and attrs[ATTR_MODEL]
     assert attrs["val_loss"] == frozen.value and 0 < attrs["val_accuracy"] < 1
-    assert attrs[ATTR_TRAIN_SECONDS] >= 0.03 and attrs[ATTR_TRAINING_STARTED] > 0
+    assert attrs[ATTR_TRAIN_SECONDS] >= 0.03 and abs(attr_time(attrs[ATTR_TRAINING_STARTED]) - time.time()) < 600
+    assert attrs[ATTR_TRAINING_STARTED].endswith("Z")  # ISO 8601, UTC, as optuna-dashboard shows it
     assert len(attrs["val_loss_per_epoch"]) == 3
 
     # the same params give the same value, in this process too (what a benchmark's threads run)

@@ -27,6 +27,7 @@ import torch
 from strata.families import Architecture, architecture_from_params
 from strata.objectstore import ObjectStore, open_object_store
 from strata.registry import DonorMeta, LayerRegistry
+from strata.scheduler import TrialScheduler
 from strata.spec import StudySpec, Training, parse_spec
 from strata.study import create_or_load_study, distributions
 from strata_trainer.__main__ import main as trainer_main
@@ -619,6 +620,29 @@ def test_a_trial_far_behind_the_median_is_pruned_and_exits_3(postgres_url, tmp_p
     assert pruned.intermediate_values[1] > good_first and list(pruned.intermediate_values) == [1]
     assert pruned.user_attrs["epochs_run"] == 1
     assert pruned.user_attrs["feature_cache"] == "off"  # recorded for pruned trials too (nothing frozen here)
+
+
+def test_a_pruned_trial_that_reused_layers_counts_the_seconds_they_saved(postgres_url, tmp_path, restore_torch_threads,
+                                                                         monkeypatch):
+    # A 2-layer SGD trial at 1e-6 reuses the finished 1-layer trial's conv layer and is pruned at
+    # epoch 1: it ran only that epoch, so it is credited with what the frozen layer saved in it
+    # (against a from-scratch trial pruned at the same epoch), and the study's total includes it.
+    spec = make_spec(search_space=E2E_SPACE, checkpoints=str(tmp_path / "layers"),
+                     pruner={"name": "median", "startupTrials": 0, "warmupSteps": 0})
+    study = new_study(spec, postgres_url)
+    monkeypatch.setenv("STRATA_CPU_LIMIT", "1")
+    monkeypatch.setenv("STRATA_SPILL_DIR", str(tmp_path))
+    assert run_trial(postgres_url, "fashion-e2e", ask(study, spec, **GOOD)) == EXIT_COMPLETE
+    slow = ask(study, spec, **{**GOOD, "convLayers": 2, "optimizer": "sgd", "learningRate": 1e-6})
+
+    assert run_trial(postgres_url, "fashion-e2e", slow) == EXIT_PRUNED
+
+    pruned = trial(postgres_url, "fashion-e2e", slow)
+    assert pruned.state == optuna.trial.TrialState.PRUNED and pruned.user_attrs["reused_layers"] == 1
+    assert pruned.user_attrs["epochs_run"] == 1 and pruned.user_attrs["seconds_saved_estimate"] > 0
+    assert pruned.user_attrs["seconds_saved_estimate"] < 3 * pruned.user_attrs["train_seconds"]
+    progress = TrialScheduler(study, spec, None).progress()
+    assert progress.seconds_saved == pytest.approx(pruned.user_attrs["seconds_saved_estimate"])
 
 
 def test_with_the_layer_store_unreachable_a_trial_trains_from_scratch(postgres_url, monkeypatch, caplog,

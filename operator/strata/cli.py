@@ -3,6 +3,7 @@
     strata run study.yaml [--storage URL] [--checkpoints DIR|s3://bucket] [--workers N] [--json] [--report out.json]
     strata status study.yaml | --storage URL --study NAME  [--json]
     strata best   study.yaml | --storage URL --study NAME  [--json]
+    strata report study.yaml | --storage URL --study NAME  [--out DIR]
 
 Bad input is one line on stderr naming the field, exit code 2, and nothing written. What a person
 reads (the live display, the tables) is strata.console; --json prints the report's shape instead.
@@ -244,8 +245,8 @@ def cmd_run(args: argparse.Namespace) -> int:
 
 def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None = None) -> dict[str, Any]:
     from strata.study import (
-        ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
-        ATTR_TEST_ACCURACY, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED,
+        ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FEATURE_CACHE, ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED,
+        ATTR_QUEUED_SECONDS, ATTR_SHARED_FEATURES, ATTR_TEST_ACCURACY, attr_time, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED,
     )
 
     progress = scheduler.progress()
@@ -262,7 +263,10 @@ def build_report(optuna_study, scheduler, phase: str, wall_seconds: float | None
             "epochs_run": t.user_attrs.get(ATTR_EPOCHS_RUN),
             "feature_cache": t.user_attrs.get(ATTR_FEATURE_CACHE),
             "shared_features": t.user_attrs.get(ATTR_SHARED_FEATURES),
-            "training_started": t.user_attrs.get(ATTR_TRAINING_STARTED),  # epoch seconds
+            "seconds_saved": t.user_attrs.get(ATTR_SECONDS_SAVED),
+            "started_at": round(t.datetime_start.timestamp(), 3) if t.datetime_start else None,  # epoch seconds
+            "training_started": attr_time(t.user_attrs.get(ATTR_TRAINING_STARTED)),  # epoch seconds
+            "queued_seconds": t.user_attrs.get(ATTR_QUEUED_SECONDS),
             "finished_at": round(t.datetime_complete.timestamp(), 3) if t.datetime_complete else None,
         })
     best = progress.best
@@ -333,6 +337,23 @@ def cmd_best(args: argparse.Namespace) -> int:
     return EXIT_OK
 
 
+def cmd_report(args: argparse.Namespace) -> int:
+    from strata.plots import PlotsUnavailable, write_report
+
+    optuna_study, scheduler = _load_for_reading(args)
+    report = build_report(optuna_study, scheduler, scheduler.outcome().phase)
+    _, _, name = _resolve(args)
+    out = Path(args.out or (Path(args.study_file).resolve().parent / f"{name}.report" if args.study_file
+                            else f"{name}.report"))
+    try:
+        written = write_report(report, out, optuna_study)
+    except PlotsUnavailable as error:
+        raise UsageError(str(error)) from None
+    for path in written:
+        print(path)
+    return EXIT_OK
+
+
 def _version() -> str:
     from importlib.metadata import PackageNotFoundError, version
 
@@ -346,7 +367,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="strata", description="Hyperparameter optimisation with layer reuse: "
                                      "run an HPOStudy file on this machine, or read a study's results.")
     parser.add_argument("--version", action="version", version=f"strata {_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,status,best}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="{run,status,best,report}")
     run = sub.add_parser("run", help="run a study file on this machine",
                          description="Run a study file on this machine, on embedded defaults: a journal file and "
                                      "a checkpoint folder next to it. Run it again to resume.")
@@ -380,6 +401,17 @@ def build_parser() -> argparse.ArgumentParser:
                                                        "file's metadata.name)")
         p.add_argument("--json", action="store_true", help="print JSON (the report's shape) instead of text")
         p.set_defaults(func=func)
+    report = sub.add_parser("report", help="draw a study's plots (PNG) and a page that shows them",
+                            description="Draw a study's plots: best value over wall time, each trial's waiting and "
+                                        "training, time saved by reuse, values and times by reused layers, and "
+                                        "Optuna's history and slice plots; PNG files and an index.html.")
+    report.add_argument("study_file", nargs="?", help="the HPOStudy manifest the study ran from")
+    report.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (default: the study "
+                                                         "file's storage)")
+    report.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the study "
+                                                        "file's metadata.name)")
+    report.add_argument("--out", metavar="DIR", help="where to write (default: NAME.report/ next to the study file)")
+    report.set_defaults(func=cmd_report)
     return parser
 
 

@@ -21,6 +21,7 @@ Reuse-aware policy (the paper's future work, made concrete):
 
 from __future__ import annotations
 
+import datetime
 import logging
 import time
 from dataclasses import dataclass, field
@@ -36,7 +37,8 @@ from strata.objectstore import ObjectStoreError
 from strata.spec import IntParam, StudySpec
 from strata.study import (
     ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
-    ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY, distributions, read_trial,
+    ATTR_MODEL, ATTR_QUEUED_SECONDS, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY,
+    distributions, read_trial,
 )
 
 log = logging.getLogger(__name__)
@@ -267,7 +269,20 @@ class TrialScheduler:
             # Nothing runs and everything waits: never stall, start the oldest trial without a donor.
             plan.launch.append(min(plan.waiting))
             del plan.waiting[plan.launch[0]]
+        self._record_queue_time(pending, plan.launch)
         return plan
+
+    def _record_queue_time(self, pending: list[FrozenTrial], launching: list[int]) -> None:
+        """Optuna counts a trial's duration from its ask; one asked in an earlier pass waited since
+        (for a donor or a slot). That wait is kept as `queued_seconds`, so a trial's run time is its
+        duration minus it (the report and the dashboard's attrs show it; asked and started in one
+        pass: no attr, nothing waited)."""
+        now = datetime.datetime.now()  # Optuna keeps datetime_start naive, in local time
+        for t in pending:
+            if t.number in launching and t.datetime_start is not None:
+                waited = (now - t.datetime_start).total_seconds()
+                if waited >= 0.5:
+                    self.study._storage.set_trial_user_attr(t._trial_id, ATTR_QUEUED_SECONDS, round(waited, 3))
 
     def _consider(self, t: FrozenTrial, trials, active, plan: Plan, free_slots: int) -> None:
         reason = self._wait_reason(t, trials, active | set(plan.launch))

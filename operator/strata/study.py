@@ -27,7 +27,10 @@ SPEC_ATTR = "strata.spec"
 GRID_LIMIT = 100_000  # finite spaces up to this size get untried points drawn from them
 GP_TRIAL_CAP = 300  # GPSampler's ask grows ~N^2.5 (2.6 s at 1,000 trials on 2 cores)
 
-# Trial user attrs written by the trainer and read by the CLI, the operator and the metrics.
+# Trial and study user attrs. One naming scheme: what a person reads in optuna-dashboard or a
+# trials dataframe (results, costs, why a trial failed) is plain snake_case; Strata's own
+# bookkeeping (retries, donors, workers, the spec) is `strata.` + snake_case. Durations are
+# `*_seconds` numbers; timestamps are ISO 8601 strings in UTC (iso_now; attr_time reads them).
 ATTR_TRAIN_SECONDS = "train_seconds"
 ATTR_REUSED_LAYERS = "reused_layers"
 ATTR_DONOR_TRIAL = "donor_trial"
@@ -36,13 +39,14 @@ ATTR_EPOCHS_RUN = "epochs_run"
 ATTR_FEATURE_CACHE = "feature_cache"
 ATTR_SHARED_FEATURES = "shared_features"  # hit: the frozen outputs came from an earlier trial on this machine
 ATTR_SECONDS_SAVED = "seconds_saved_estimate"
+ATTR_QUEUED_SECONDS = "queued_seconds"  # asked, then waited for a donor or a slot: not run time
 ATTR_FAIL_REASON = "fail_reason"
 ATTR_TEST_ACCURACY = "test_accuracy"  # the best epoch's weights on the test split (never used to choose trials)
 ATTR_TEST_LOSS = "test_loss"
 ATTR_TEST_SECONDS = "test_seconds"
 ATTR_NUM_CLASSES = "strata.num_classes"  # study attr: the class count the first trial saw
 ATTR_MODEL = "model"  # the trial's network, e.g. resnet-20 or 2x18f k3 fc[250]
-ATTR_TRAINING_STARTED = "strata.training_started"  # epoch seconds when train() began (hand-off timing)
+ATTR_TRAINING_STARTED = "strata.training_started"  # when train() began (ISO 8601; attr_time reads it)
 ATTR_REGISTRY_LOAD_FAILURES = "registry_load_failures"  # donors refused or unreadable, or the registry unreachable
 ATTR_REGISTRY_PUBLISH_FAILURES = "registry_publish_failures"  # prefixes the registry did not take
 ATTR_RETRY_OF = "strata.retry_of"
@@ -52,7 +56,7 @@ ATTR_DONOR_FOR = "strata.donor_for"
 # Worker pods (strata.kube.worker_pods hands out, strata_trainer.podworker claims and runs):
 ATTR_ASSIGNED = "strata.assigned"  # the worker pod the operator gave the trial to ("": taken back)
 ATTR_WORKER = "strata.worker"  # the pod that claimed it
-ATTR_WORKER_STARTED = "strata.worker_started"  # epoch seconds: claimed and begun
+ATTR_WORKER_STARTED = "strata.worker_started"  # claimed and begun (ISO 8601; attr_time reads it)
 ATTR_WORKER_EXIT = "strata.worker_exit"  # {"code", "reason"}: its trainer ended without telling Optuna
 ATTR_STOP = "strata.stop"  # the operator stopped it (timeout, goal, the end): its worker kills it
 ATTR_REPORTED_BELOW = "strata.reported_below"  # study attr: every worker trial below it was seen to end
@@ -116,6 +120,24 @@ def open_storage(url: str) -> optuna.storages.BaseStorage:
         first = text.splitlines()[0] if text else type(error).__name__
         # The driver or SQLAlchemy may echo the URL or its parts: scrub them from the one line.
         raise StorageError(scrub(f"cannot open Optuna storage {redact_url(url)}: {first}", url)) from error
+
+
+def iso_now() -> str:
+    """Now as an attr timestamp: ISO 8601 in UTC (2026-12-04T02:31:05.123Z), as the dashboard shows it."""
+    import datetime as dt
+
+    return dt.datetime.now(dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def attr_time(value: Any) -> float | None:
+    """An attr timestamp as epoch seconds: an ISO 8601 string (what Strata writes) or a number (what
+    studies from before wrote)."""
+    import datetime as dt
+
+    if value is None or isinstance(value, (int, float)):
+        return None if value is None else float(value)
+    stamp = dt.datetime.fromisoformat(str(value))
+    return (stamp if stamp.tzinfo else stamp.replace(tzinfo=dt.timezone.utc)).timestamp()
 
 
 def read_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:

@@ -10,6 +10,7 @@ import time
 import pytest
 from optuna.trial import TrialState
 
+from strata.study import attr_time
 from tests.e2e.conftest import OperatorProcess
 from tests.e2e.studies import (
     apply, assert_exactly, condition, events, optuna_trials, patch_spec, study_manifest, wait_for_phase,
@@ -35,7 +36,7 @@ def claimed_in(postgres_url: str, name: str):
 
 def training_overlaps(trials) -> int:
     """How many pairs of trials trained at the same time (from their own start and end stamps)."""
-    spans = [(t.user_attrs["strata.training_started"], t.datetime_complete.timestamp())
+    spans = [(attr_time(t.user_attrs["strata.training_started"]), t.datetime_complete.timestamp())
              for t in trials if t.state == TrialState.COMPLETE and "strata.training_started" in t.user_attrs]
     return sum(1 for i, a in enumerate(spans) for b in spans[i + 1:] if a[0] < b[1] and b[0] < a[1])
 

@@ -27,7 +27,7 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from strata.study import ATTR_ASSIGNED, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED
+from strata.study import ATTR_ASSIGNED, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED, iso_now
 from strata.workers import WarmWorkerExecutor
 
 log = logging.getLogger("strata.podworker")
@@ -107,7 +107,7 @@ def step(storage: optuna.storages.BaseStorage, executor: WarmWorkerExecutor, run
                     key=lambda t: t.number)
     for trial in queued[:max(0, slots - len(executor.active()))]:
         storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER, pod_name)
-        storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER_STARTED, time.time())
+        storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER_STARTED, iso_now())
         executor.start(trial.number)
         claimed.append(trial.number)
     return claimed

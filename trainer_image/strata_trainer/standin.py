@@ -46,7 +46,7 @@ from optuna.trial import TrialState
 from strata.families import DATASET_CLASSES, architecture_from_params
 from strata.spec import SpecError, StudySpec
 from strata.study import (
-    ATTR_DATA_CHECK, ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
+    iso_now, ATTR_DATA_CHECK, ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_MODEL, ATTR_NUM_CLASSES, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SHARED_FEATURES,
     ATTR_TEST_ACCURACY, ATTR_TEST_LOSS, ATTR_TEST_SECONDS, ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, StorageError,
     data_check_key, distributions, load_study, read_trial,
@@ -198,7 +198,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
     by_loss = spec.objective.metric == "val_loss"
     attrs: dict[str, Any] = {
         ATTR_MODEL: arch.label, ATTR_REUSED_LAYERS: 0, ATTR_DONOR_TRIAL: None, ATTR_DONOR_STUDY: None,
-        ATTR_REGISTRY_LOAD_FAILURES: 0, ATTR_TRAINING_STARTED: round(time.time(), 3),
+        ATTR_REGISTRY_LOAD_FAILURES: 0, ATTR_TRAINING_STARTED: iso_now(),
     }
     log.info("trial %d: %s, stand-in, %d epochs of %.3f s", trial.number, arch.label, epochs, config.epoch_seconds)
     started = time.perf_counter()

@@ -16,7 +16,7 @@ from strata.objectstore import ObjectNotFound, ObjectStoreError, open_object_sto
 from strata.registry import CorruptCheckpoint, DonorMeta, LayerRegistry
 from strata.spec import StudySpec
 from strata.study import (
-    ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
+    iso_now, ATTR_DONOR_STUDY, ATTR_DONOR_TRIAL, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_FEATURE_CACHE,
     ATTR_REGISTRY_LOAD_FAILURES, ATTR_REUSED_LAYERS, ATTR_SECONDS_SAVED, ATTR_SHARED_FEATURES, ATTR_TRAIN_SECONDS,
     ATTR_REGISTRY_PUBLISH_FAILURES, ATTR_TRAINING_STARTED, ATTR_MODEL, ATTR_NUM_CLASSES, ATTR_TEST_ACCURACY, ATTR_TEST_LOSS,
     ATTR_TEST_SECONDS, load_study,
@@ -201,7 +201,7 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
         ATTR_DONOR_TRIAL: reused.donor.trial_number if reused else None,
         ATTR_DONOR_STUDY: reused.donor.study if reused else None,
         ATTR_REGISTRY_LOAD_FAILURES: len(load_failures),
-        ATTR_TRAINING_STARTED: round(time.time(), 3),
+        ATTR_TRAINING_STARTED: iso_now(),
     }
     started = time.perf_counter()
     spill_dir = os.environ.get("STRATA_SPILL_DIR") or tempfile.gettempdir()
@@ -213,10 +213,16 @@ def _train_and_tell(study: optuna.Study, spec: StudySpec, trial: optuna.trial.Tr
                        spill_dir=spill_dir, report=report, shared_features=SharedFeatureStore.from_env(),
                        cache_info=cache_info, keep_best=spec.training.evaluate_test)
     except optuna.TrialPruned:
-        attrs.update({ATTR_TRAIN_SECONDS: time.perf_counter() - started,
-                      ATTR_EPOCHS_RUN: len(study._storage.get_trial(trial._trial_id).intermediate_values),
+        seconds, epochs_run = time.perf_counter() - started, len(study._storage.get_trial(trial._trial_id).intermediate_values)
+        attrs.update({ATTR_TRAIN_SECONDS: round(seconds, 3), ATTR_EPOCHS_RUN: epochs_run,
                       ATTR_FEATURE_CACHE: cache_info.get("feature_cache"),
                       ATTR_SHARED_FEATURES: cache_info.get("shared_features") or None})
+        if reused is not None:
+            # Against a from-scratch trial pruned at the same epoch (not one trained to the end): only
+            # what the frozen prefix saved in the epochs this trial ran.
+            attrs[ATTR_SECONDS_SAVED] = round(estimate_seconds_saved(
+                model.unit_flops(arch.input_shape), frozen_layers, cache_info.get("feature_cache") not in (None, "off"),
+                epochs_run, epochs_run, seconds), 3)
         _set_attrs(trial, attrs)
         study.tell(trial.number, state=optuna.trial.TrialState.PRUNED)
         log.info("trial %d pruned", trial.number)

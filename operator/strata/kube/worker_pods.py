@@ -41,7 +41,7 @@ from strata.kube.trial_pods import POD_REJECTED, TERMINAL, Happening, _api_reaso
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_ASSIGNED, ATTR_REPORTED_BELOW, ATTR_RETRY_OF, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED,
-    read_trial,
+    attr_time, read_trial,
 )
 QUEUED_PER_POD = 1  # trials waiting in a pod beyond those it runs: the next one, started without a reconcile
 SHORT_TRIAL_SECONDS = 3.0  # trials shorter than this (median of the last few) get a second queued one: a
@@ -117,7 +117,7 @@ class WorkerPodExecutor:
     def _queued_per_pod(self) -> int:
         """One queued trial per pod; two while trials are short (each queued trial is one proposal the
         sampler makes before seeing the running ones' results, so no deeper than needed)."""
-        recent = [t.datetime_complete.timestamp() - float(t.user_attrs[ATTR_WORKER_STARTED])
+        recent = [t.datetime_complete.timestamp() - attr_time(t.user_attrs[ATTR_WORKER_STARTED])
                   for t in self.trials[-12:] if t.state == TrialState.COMPLETE and t.datetime_complete
                   and ATTR_WORKER_STARTED in t.user_attrs][-5:]
         if len(recent) >= 3 and sorted(recent)[len(recent) // 2] < SHORT_TRIAL_SECONDS:
@@ -133,7 +133,7 @@ class WorkerPodExecutor:
 
     def started_at(self, number: int) -> float:
         started = self.trials[number].user_attrs.get(ATTR_WORKER_STARTED)
-        return float(started) if started is not None else time.time()  # queued: its clock has not started
+        return attr_time(started) if started is not None else time.time()  # queued: its clock has not started
 
     def poll(self) -> list[WorkerExit]:
         exits = []
