@@ -8,9 +8,11 @@ from typing import Any
 import pytest
 
 from strata.kube import builders
-from strata.kube.builders import OperatorSettings, build_status, build_trial_pod, invalid_status, set_condition
+from strata.kube.builders import (
+    OperatorSettings, build_data_check_pod, build_status, build_trial_pod, build_worker_pod, invalid_status, set_condition,
+)
 from strata.scheduler import Best, Outcome, Progress
-from strata.spec import SecretKeyRef, Toleration, parse_spec
+from strata.spec import SecretKeyRef, SpecError, Toleration, parse_spec
 
 UID = "6f1c2a9e-0000-4000-8000-000000000001"
 GPU_SELECTOR = {"nvidia.com/gpu.present": "true"}
@@ -159,6 +161,94 @@ def test_trainer_pods_run_as_non_root_with_a_read_only_root_filesystem():
     env = env_of(manifest)
     for name in ("HOME", "STRATA_SPILL_DIR", "STRATA_DATA_CACHE"):
         assert env[name]["value"].startswith("/tmp"), name
+
+
+def test_under_openshifts_restricted_policy_the_platform_picks_the_uid():
+    # trainer.podSecurityContext: {} in Helm: no fixed uid, gid or fsGroup (restricted-v2 assigns them).
+    manifest = pod(settings=OperatorSettings(trainer_pod_security_context={}))
+    assert manifest["spec"]["securityContext"] == {"runAsNonRoot": True, "seccompProfile": {"type": "RuntimeDefault"}}
+    assert container(manifest)["securityContext"]["capabilities"] == {"drop": ["ALL"]}
+
+
+def test_a_pod_security_context_setting_never_makes_trainers_root():
+    from strata.kube.reconcile import SettingsError, settings_from_env
+
+    assert settings_from_env({"STRATA_TRAINER_POD_SECURITY_CONTEXT": "{}"}).trainer_pod_security_context == {}
+    assert settings_from_env({}).trainer_pod_security_context == {"runAsUser": 1000, "runAsGroup": 1000,
+                                                                  "fsGroup": 1000}
+    for bad in ('{"runAsUser": 0}', '{"runAsNonRoot": false}', "[1]"):
+        with pytest.raises(SettingsError, match="STRATA_TRAINER_POD_SECURITY_CONTEXT"):
+            settings_from_env({"STRATA_TRAINER_POD_SECURITY_CONTEXT": bad})
+
+
+POD_OPTIONS = {
+    "imagePullSecrets": ["regcred"],
+    "labels": {"kueue.x-k8s.io/queue-name": "team-a", "cost-center": "ml"},
+    "annotations": {"sidecar.istio.io/inject": "false"},
+    "affinity": {"nodeAffinity": {"preferredDuringSchedulingIgnoredDuringExecution": [
+        {"weight": 1, "preference": {"matchExpressions": [{"key": "zone", "operator": "In", "values": ["a"]}]}}]}},
+    "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "kubernetes.io/hostname",
+                                   "whenUnsatisfiable": "ScheduleAnyway",
+                                   "labelSelector": {"matchLabels": {"app.kubernetes.io/name": "strata-trainer"}}}],
+    "priorityClassName": "batch-low",
+    "runtimeClassName": "nvidia",
+    "env": [{"name": "HF_HOME", "value": "/data/hf"},
+            {"name": "WANDB_API_KEY", "valueFrom": {"secretKeyRef": {"name": "wandb", "key": "key"}}}],
+    "volumes": [{"name": "data", "persistentVolumeClaim": {"claimName": "images", "readOnly": True}}],
+    "volumeMounts": [{"name": "data", "mountPath": "/data", "readOnly": True}],
+}
+
+
+def test_trainer_pod_options_reach_every_trainer_pod():
+    study = spec(trainer=POD_OPTIONS)
+    for manifest in (pod(study, layers=2),
+                     build_worker_pod(name="fashion", namespace="ml", uid=UID, gpu=False, token="ab12", slots=1,
+                                      spec=study, settings=OperatorSettings()),
+                     build_data_check_pod(name="fashion", namespace="ml", uid=UID, spec=study,
+                                          settings=OperatorSettings())):
+        pod_spec, labels = manifest["spec"], manifest["metadata"]["labels"]
+        assert pod_spec["imagePullSecrets"] == [{"name": "regcred"}]
+        assert labels["kueue.x-k8s.io/queue-name"] == "team-a" and labels["hpo.strata.dev/study"] == "fashion"
+        assert manifest["metadata"]["annotations"] == {"sidecar.istio.io/inject": "false"}
+        assert pod_spec["affinity"] == POD_OPTIONS["affinity"]
+        assert pod_spec["topologySpreadConstraints"] == POD_OPTIONS["topologySpreadConstraints"]
+        assert (pod_spec["priorityClassName"], pod_spec["runtimeClassName"]) == ("batch-low", "nvidia")
+        env = env_of(manifest)
+        assert env["HF_HOME"] == {"name": "HF_HOME", "value": "/data/hf"}
+        assert env["WANDB_API_KEY"]["valueFrom"] == {"secretKeyRef": {"name": "wandb", "key": "key"}}
+        assert env["HOME"]["value"] == "/tmp"  # the operator's own stay
+        assert POD_OPTIONS["volumes"][0] in pod_spec["volumes"] and {"name": "tmp", "emptyDir": {}} in pod_spec["volumes"]
+        assert {"name": "data", "mountPath": "/data", "readOnly": True} in container(manifest)["volumeMounts"]
+
+
+def test_without_options_a_pod_has_none_of_them():
+    manifest = pod()
+    for key in ("imagePullSecrets", "affinity", "topologySpreadConstraints", "priorityClassName", "runtimeClassName"):
+        assert key not in manifest["spec"], key
+    assert "annotations" not in manifest["metadata"]
+
+
+@pytest.mark.parametrize("trainer, message", [
+    ({"env": [{"name": "STRATA_STORAGE_URL", "value": "x"}]}, "env.0: STRATA_STORAGE_URL is set by the operator"),
+    ({"env": [{"name": "HOME", "value": "/x"}]}, "HOME is set by the operator"),
+    ({"env": [{"name": "A", "value": "1", "valueFrom": {"fieldRef": {"fieldPath": "metadata.name"}}}]},
+     "give value or valueFrom, not both"),
+    ({"env": [{"name": "1A=", "value": "1"}]}, "is not an environment variable name"),
+    ({"volumes": [{"name": "tmp", "emptyDir": {}}]}, "volumes[0].name: tmp is taken by the operator's own volumes"),
+    ({"volumes": [{"emptyDir": {}}]}, "volumes[0].name: None is not a volume name"),
+    ({"volumes": [{"name": "a", "emptyDir": {}}, {"name": "a", "emptyDir": {}}]}, "volumes[1].name: a is given twice"),
+    ({"volumeMounts": [{"name": "data", "mountPath": "/data"}]}, "no volume named data in trainer.volumes"),
+    ({"volumes": [{"name": "d", "emptyDir": {}}], "volumeMounts": [{"name": "d", "mountPath": "/tmp/x"}]},
+     "mountPath: /tmp/x is the operator's"),
+    ({"labels": {"hpo.strata.dev/trial": "1"}}, "label hpo.strata.dev/trial is set by the operator"),
+    ({"annotations": {"bad key!": "x"}}, "is not a qualified name"),
+    ({"priorityClassName": "Not_A_Name"}, "is not a DNS subdomain name"),
+])
+def test_bad_trainer_pod_options_are_one_line_naming_the_field(trainer, message):
+    with pytest.raises(SpecError) as raised:
+        spec(trainer=trainer)
+    text = str(raised.value)
+    assert "\n" not in text and text.startswith("spec.trainer") and message in text, text
 
 
 def test_trainer_pods_get_no_service_account_token_unless_the_spec_names_an_account():

@@ -355,6 +355,20 @@ def test_the_trainer_module_value_becomes_the_command_of_trainer_pods() -> None:
     assert pod["spec"]["containers"][0]["command"] == ["python", "-m", "strata_trainer.standin"]
 
 
+def test_the_trainer_pod_security_context_value_reaches_trainer_pods_and_openshift_takes_an_empty_one() -> None:
+    from strata.kube.reconcile import settings_from_env
+
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    for values, expected in (({}, {"runAsUser": 1000, "runAsGroup": 1000, "fsGroup": 1000}),
+                             ({"trainer": {"podSecurityContext": {}}}, {})):
+        env = {n: e["value"] for n, e in env_of(operator_container(manifests(values))).items()
+               if n == "STRATA_TRAINER_POD_SECURITY_CONTEXT"}
+        pod = builders.build_trial_pod(name="s", namespace=NAMESPACE, uid="uid-1", number=0,
+                                       params={"convLayers": 2}, spec=spec, settings=settings_from_env(env))
+        assert pod["spec"]["securityContext"] == {**expected, "runAsNonRoot": True,
+                                                  "seccompProfile": {"type": "RuntimeDefault"}}
+
+
 def test_a_node_shared_feature_cache_volume_reaches_the_trainer_pods() -> None:
     from strata.kube.reconcile import settings_from_env
 

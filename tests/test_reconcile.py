@@ -161,3 +161,23 @@ def test_reaching_the_goal_deletes_the_pods_still_running_and_ends_the_study(rec
     assert stopped.state == TrialState.FAIL and stopped.user_attrs["strata.failure_kind"] == "interrupted"
     assert r.status["trials"]["failed"] == 0 and r.status["best"]["number"] == 0
     assert r.reasons("StudySucceeded") == ["trial 0 reached 0.25 (goal 0.3)"]
+
+
+def test_trainer_pod_options_reach_the_pods_the_api_server_stores(reconciler):
+    from tests.test_builders import POD_OPTIONS
+
+    r = reconciler(trainer=POD_OPTIONS)
+    r.reconcile()
+
+    pods = r.pods()
+    assert sorted(pods) == [0, 1]
+    stored = pods[0]
+    assert stored["metadata"]["labels"]["kueue.x-k8s.io/queue-name"] == "team-a"
+    assert stored["metadata"]["annotations"]["sidecar.istio.io/inject"] == "false"
+    assert stored["spec"]["imagePullSecrets"] == [{"name": "regcred"}]
+    assert stored["spec"]["priorityClassName"] == "batch-low" and stored["spec"]["runtimeClassName"] == "nvidia"
+    assert stored["spec"]["affinity"] == POD_OPTIONS["affinity"]
+    assert {"name": "data", "persistentVolumeClaim": {"claimName": "images", "readOnly": True}} in stored["spec"]["volumes"]
+    container = stored["spec"]["containers"][0]
+    assert {"name": "data", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
+    assert {"name": "HF_HOME", "value": "/data/hf"} in container["env"]

@@ -140,6 +140,9 @@ CONTEXT_DOCS = {
     ("dataset", "name"): "Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder or npz.",
     ("pruner", "startupTrials"): "Trials that finish before the pruner starts pruning.",
     ("sampler", "startupTrials"): "Random trials before the sampler starts modelling (tpe, gp).",
+    ("env", "name"): "Name of the environment variable ([-._a-zA-Z][-._a-zA-Z0-9]*).",
+    ("env", "value"): "Its value (or give valueFrom).",
+    ("volumeMounts", "name"): "Name of a volume in trainer.volumes.",
     ("sampler", "seed"): "Seed of the sampler: the same seed proposes the same configurations, for reproducible "
                          "studies (unset: a fresh seed each run).",
     ("training", "seed"): "Seed of every trial's weight initialisation, data order and subset (the validation split "
@@ -174,6 +177,9 @@ def _structural(node: Any, defs: dict[str, Any], name: str | None = None) -> Any
             node = {**_structural(options[0], defs, name), **node}
         else:  # a union of scalars (categorical choices): any JSON value
             node["x-kubernetes-preserve-unknown-fields"] = True
+    if node.get("additionalProperties") is True:  # a free-form Kubernetes object (affinity, a volume)
+        node.pop("additionalProperties")
+        node["x-kubernetes-preserve-unknown-fields"] = True
     node.pop("title", None)
     node.pop("discriminator", None)
     if "const" in node:

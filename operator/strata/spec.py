@@ -111,6 +111,9 @@ RESOURCE_NAME_PATTERN = (f"^(cpu|memory|ephemeral-storage|hugepages-[0-9]+([KMGT
                          f"{_SUBDOMAIN}/{_NAME_PART})$")
 RESOURCE_NAME_LENGTHS = "^([^/]{1,244}/)?[^/]{1,63}$"
 IMAGE_PATTERN = r"^[^ \t\n\v\f\r]+$"  # a container image: not empty, no whitespace
+DNS_LABEL_PATTERN = "^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"  # volume names; at most 63
+ENV_NAME_PATTERN = "^[-._a-zA-Z][-._a-zA-Z0-9]*$"  # a container env var name (Kubernetes' C-identifier-ish rule)
+ABSOLUTE_PATH_PATTERN = "^/[^:]*$"
 MAX_MAP_ENTRIES = 64  # nodeSelector maps (bounds the CEL cost of checking their keys)
 MAX_RESOURCES = 16  # entries of requests / limits
 MAX_TOLERATIONS = 32
@@ -612,6 +615,49 @@ class GpuPlacement(_Model):
 GPU_RESOURCE = "nvidia.com/gpu"  # the limit strata.kube.builders gives GPU trials
 
 
+# What the operator sets in every trainer pod: a user's env, volume or mount may not take these.
+RESERVED_ENV_PREFIX = "STRATA_"
+RESERVED_ENV = frozenset({"HOME", "OMP_WAIT_POLICY"})
+RESERVED_VOLUMES = frozenset({"tmp", "features"})
+RESERVED_MOUNTS = ("/tmp", "/var/cache/strata-features")  # strata.kube.builders.FEATURE_CACHE_MOUNT
+RESERVED_LABEL_PREFIXES = ("hpo.strata.dev/", "app.kubernetes.io/name", "app.kubernetes.io/managed-by")
+MAX_EXTRA = 16  # extra env vars, volumes, mounts, pull secrets, spread constraints
+
+
+class EnvVar(_Model):
+    """An extra environment variable of the trainer container, as a container's env takes it."""
+
+    name: Annotated[str, AfterValidator(_checked(ENV_NAME_PATTERN, "an environment variable name "
+                                                 "([-._a-zA-Z][-._a-zA-Z0-9]*)", 256)),
+                    Field(json_schema_extra=_schema(ENV_NAME_PATTERN, 256))]
+    value: str | None = None
+    value_from: dict[str, Any] | None = None  # secretKeyRef, configMapKeyRef, fieldRef, resourceFieldRef
+
+    @model_validator(mode="after")
+    def _check(self) -> "EnvVar":
+        if self.name.startswith(RESERVED_ENV_PREFIX) or self.name in RESERVED_ENV:
+            raise ValueError(f"{self.name} is set by the operator (STRATA_*, HOME and OMP_WAIT_POLICY are reserved)")
+        if self.value is not None and self.value_from is not None:
+            raise ValueError("give value or valueFrom, not both")
+        return self
+
+
+class VolumeMount(_Model):
+    name: Annotated[str, AfterValidator(_checked(DNS_LABEL_PATTERN, "a volume name (a DNS label)", 63)),
+                    Field(json_schema_extra=_schema(DNS_LABEL_PATTERN, 63))]
+    mount_path: Annotated[str, AfterValidator(_checked(ABSOLUTE_PATH_PATTERN, "an absolute path without ':'")),
+                          Field(json_schema_extra=_schema(ABSOLUTE_PATH_PATTERN, 4096))]
+    read_only: bool = False
+    sub_path: str | None = Field(None, max_length=4096)
+
+
+def _check_label_keys(value: dict[str, Any]) -> dict[str, Any]:
+    for key in value:
+        if key.startswith(RESERVED_LABEL_PREFIXES):
+            raise ValueError(f"label {key} is set by the operator")
+    return value
+
+
 class TrainerPod(_Model):
     """How trainer pods run on Kubernetes (ignored by `strata run`)."""
 
@@ -622,11 +668,39 @@ class TrainerPod(_Model):
     node_selector: NodeSelector = Field(default_factory=dict)
     tolerations: list[Toleration] = Field(default_factory=list, max_length=MAX_TOLERATIONS)
     gpu: GpuPlacement = GpuPlacement()
+    image_pull_secrets: list[DnsSubdomain] = Field(default_factory=list, max_length=MAX_EXTRA)
+    labels: Annotated[NodeSelector, AfterValidator(_check_label_keys)] = Field(default_factory=dict)
+    annotations: Annotated[dict[str, str], Field(max_length=MAX_MAP_ENTRIES, json_schema_extra=KEYS_QUALIFIED_NAMES),
+                           AfterValidator(_qualified_keys)] = Field(default_factory=dict)
+    affinity: dict[str, Any] | None = None  # a pod's affinity, as Kubernetes takes it
+    topology_spread_constraints: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_EXTRA)
+    priority_class_name: DnsSubdomain | None = None
+    runtime_class_name: DnsSubdomain | None = None
+    env: list[EnvVar] = Field(default_factory=list, max_length=64)
+    volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_EXTRA)  # as a pod's volumes
+    volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=MAX_EXTRA)
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerPod":
         if self.gpu.enabled and GPU_RESOURCE in {**self.resources.requests, **self.resources.limits}:
             raise ValueError(f"with gpu.enabled, gpu.count sets {GPU_RESOURCE}: leave it out of resources")
+        names = []
+        for index, volume in enumerate(self.volumes):
+            name = volume.get("name")
+            if not isinstance(name, str) or not re.fullmatch(DNS_LABEL_PATTERN, name) or len(name) > 63:
+                raise ValueError(f"volumes[{index}].name: {_shown(name)} is not a volume name (a DNS label)")
+            if name in RESERVED_VOLUMES or name in names:
+                raise ValueError(f"volumes[{index}].name: {name} is "
+                                 + ("taken by the operator's own volumes (tmp, features)" if name in RESERVED_VOLUMES
+                                    else "given twice"))
+            names.append(name)
+        for index, mount in enumerate(self.volume_mounts):
+            if mount.name not in names:
+                raise ValueError(f"volumeMounts[{index}].name: no volume named {mount.name} in trainer.volumes")
+            path = mount.mount_path.rstrip("/") or "/"
+            if path == "/" or any(path == r or path.startswith(r + "/") for r in RESERVED_MOUNTS):
+                raise ValueError(f"volumeMounts[{index}].mountPath: {mount.mount_path} is the operator's "
+                                 "(/, /tmp and the feature cache are reserved)")
         return self
 
 
@@ -1021,6 +1095,25 @@ FIELD_DOCS: dict[str, str] = {
     "value": "Toleration value (a label value) that operator Equal matches.",
     "effect": "Taint effect to tolerate.",
     "tolerationSeconds": "How long a NoExecute taint is tolerated (only with effect NoExecute).",
+    "imagePullSecrets": "Secrets (names, in the study's namespace) the kubelet pulls the trainer image with.",
+    "labels": "Extra labels of trainer pods, e.g. kueue.x-k8s.io/queue-name or cost labels (at most 64; the "
+              "operator's own hpo.strata.dev/* and app.kubernetes.io/name and managed-by are reserved).",
+    "annotations": "Extra annotations of trainer pods, e.g. sidecar.istio.io/inject: 'false' (at most 64).",
+    "affinity": "Affinity of trainer pods (node, pod and pod anti-affinity), as a pod's spec.affinity takes it.",
+    "topologySpreadConstraints": "Topology spread constraints of trainer pods, as a pod takes them (at most 16).",
+    "priorityClassName": "PriorityClass of trainer pods (a DNS subdomain name).",
+    "runtimeClassName": "RuntimeClass of trainer pods, e.g. nvidia or gvisor (a DNS subdomain name).",
+    "env": "Extra environment variables of the trainer container, each with value or valueFrom (at most 64; "
+           "STRATA_*, HOME and OMP_WAIT_POLICY are the operator's).",
+    "valueFrom": "Where the variable's value comes from: secretKeyRef, configMapKeyRef, fieldRef or "
+                 "resourceFieldRef, as a container's env takes it.",
+    "volumes": "Extra volumes of trainer pods, as a pod's spec.volumes takes them, e.g. a dataset PVC (at most 16; "
+               "the names tmp and features are the operator's).",
+    "volumeMounts": "Where the trainer container mounts the extra volumes (at most 16; not /, /tmp or the "
+                    "feature cache).",
+    "mountPath": "Absolute path in the container (no ':').",
+    "readOnly": "Mount it read-only.",
+    "subPath": "Mount only this path inside the volume.",
     "gpu": "Send trials to GPU nodes: all when enabled, or only those at least minConvLayers deep / minFilters wide.",
     "count": "GPUs per trial pod (nvidia.com/gpu).",
     "minConvLayers": "paper-cnn: only trials with at least this many conv layers go to GPU nodes.",

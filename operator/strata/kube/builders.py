@@ -26,6 +26,7 @@ TRAINER_COMMAND = ["python", "-m", DEFAULT_TRAINER_MODULE]  # the trainer image'
 # OperatorSettings.trainer_module as settings_from_env parses it (a bad one names the variable once).
 TrainerModule = Annotated[str, AfterValidator(lambda name: check_trainer_module(name, None))]
 TRAINER_UID = 1000
+DEFAULT_POD_SECURITY_CONTEXT = {"runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID}
 FEATURE_CACHE_MOUNT = "/var/cache/strata-features"
 
 
@@ -48,6 +49,10 @@ class OperatorSettings:
     # reusing the same donor read its frozen outputs there instead of computing them (strata_trainer.features).
     feature_cache_volume: dict[str, Any] = field(default_factory=dict)
     feature_cache_bytes: int | None = None
+    # The trainer pods' user and group. A fixed uid suits most clusters (the image's user, and volumes
+    # made writable for its group); under OpenShift's restricted SCC the platform assigns both, so
+    # there it is {} (Helm: trainer.podSecurityContext). runAsNonRoot and seccomp are always set.
+    trainer_pod_security_context: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT))
     # Check each study's data once in a trainer pod before its first trial (strata_trainer.datacheck).
     check_data: bool = True
     # `python -m MODULE` in every trainer, worker and data-check pod: strata_trainer.standin is the
@@ -241,8 +246,10 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
         {"name": "STRATA_DATA_CACHE", "value": "/tmp/datasets"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    env += [omit_none(e.model_dump(by_alias=True)) for e in trainer.env]  # the user's, after ours (none clash)
     mounts = [{"name": "tmp", "mountPath": "/tmp"}]
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}]
+    mounts += [omit_none(m.model_dump(by_alias=True)) for m in trainer.volume_mounts]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, *trainer.volumes]
     if settings.feature_cache_volume and spec.reuse.enabled and spec.reuse.cache_frozen_features:
         env.append({"name": "STRATA_FEATURE_CACHE_DIR", "value": FEATURE_CACHE_MOUNT})
         if settings.feature_cache_bytes:
@@ -251,8 +258,8 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
         volumes.append({"name": "features", **settings.feature_cache_volume})
     pod_spec: dict[str, Any] = {
         "restartPolicy": "Never",
-        "securityContext": {"runAsNonRoot": True, "runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID,
-                            "fsGroup": TRAINER_UID, "seccompProfile": {"type": "RuntimeDefault"}},
+        "securityContext": {**settings.trainer_pod_security_context, "runAsNonRoot": True,
+                            "seccompProfile": {"type": "RuntimeDefault"}},
         "containers": [{
             "name": "trainer",
             "image": trainer.image or settings.trainer_image,
@@ -277,14 +284,25 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
         pod_spec["automountServiceAccountToken"] = False  # trainers never call the Kubernetes API
     if spec.trials.timeout_seconds and deadline:
         pod_spec["activeDeadlineSeconds"] = spec.trials.timeout_seconds + 60  # the operator stops it first
+    if trainer.image_pull_secrets:
+        pod_spec["imagePullSecrets"] = [{"name": secret} for secret in trainer.image_pull_secrets]
+    if trainer.affinity:
+        pod_spec["affinity"] = trainer.affinity
+    if trainer.topology_spread_constraints:
+        pod_spec["topologySpreadConstraints"] = trainer.topology_spread_constraints
+    if trainer.priority_class_name:
+        pod_spec["priorityClassName"] = trainer.priority_class_name
+    if trainer.runtime_class_name:
+        pod_spec["runtimeClassName"] = trainer.runtime_class_name
     return omit_none({
         "apiVersion": "v1",
         "kind": "Pod",
         "metadata": {
             "name": pod_name,
             "namespace": namespace,
-            "labels": {LABEL_STUDY: study_label(name), **labels,
+            "labels": {**trainer.labels, LABEL_STUDY: study_label(name), **labels,
                        "app.kubernetes.io/name": "strata-trainer", "app.kubernetes.io/managed-by": "strata"},
+            "annotations": dict(trainer.annotations) or None,
             "ownerReferences": [{"apiVersion": f"{API_GROUP}/{API_VERSION}", "kind": KIND, "name": name,
                                  "uid": uid, "controller": True, "blockOwnerDeletion": True}],
         },

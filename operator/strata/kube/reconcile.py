@@ -97,7 +97,21 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         s3_endpoint=env.get("STRATA_S3_ENDPOINT") or None,
         check_data=(env.get("STRATA_DATA_CHECK") or "true").lower() not in ("0", "false", "no", "off"),
         trainer_module=parsed("STRATA_TRAINER_MODULE", builders.TrainerModule, builders.DEFAULT_TRAINER_MODULE),
+        trainer_pod_security_context=_pod_security_context(
+            parsed("STRATA_TRAINER_POD_SECURITY_CONTEXT", dict[str, Any],
+                   json.dumps(builders.DEFAULT_POD_SECURITY_CONTEXT))),
     )
+
+
+def _pod_security_context(value: dict[str, Any]) -> dict[str, Any]:
+    """Trainer pods never run as root, whatever the Helm value says (runAsNonRoot is always set)."""
+    for key in ("runAsUser", "runAsGroup"):
+        if value.get(key) == 0:
+            raise SettingsError(f"STRATA_TRAINER_POD_SECURITY_CONTEXT: {key} 0 is root; trainer pods never run as root")
+    if value.get("runAsNonRoot") is False:
+        raise SettingsError("STRATA_TRAINER_POD_SECURITY_CONTEXT: runAsNonRoot false is refused (trainer pods never "
+                            "run as root)")
+    return value
 
 
 def _secret_ref(variable: str, name: str, key: str) -> SecretKeyRef:
