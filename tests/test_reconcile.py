@@ -181,3 +181,46 @@ def test_trainer_pod_options_reach_the_pods_the_api_server_stores(reconciler):
     container = stored["spec"]["containers"][0]
     assert {"name": "data", "mountPath": "/data", "readOnly": True} in container["volumeMounts"]
     assert {"name": "HF_HOME", "value": "/data/hf"} in container["env"]
+
+
+def test_finished_trial_pods_beyond_the_kept_count_are_removed_once_their_logs_are_archived(reconciler, k8s_api,
+                                                                                              tmp_path):
+    # keepFinishedPods.count 1: of two finished trial pods the newer stays; the older one's log is
+    # copied next to the layers (named by the trial's `log` attr), then the pod is deleted.
+    k8s_api.handler.pod_logs = lambda namespace, name: f"epoch 1 val_loss 0.5 ({name})\n"
+    layers = tmp_path / "layers"
+    r = reconciler(trials={"max": 4, "parallel": 2, "maxFailed": 5, "retries": 0},
+                   storage={"optunaUrl": f"sqlite:///{tmp_path / 'optuna.db'}", "checkpoints": str(layers)},
+                   trainer={"keepFinishedPods": {"count": 1}})
+    r.reconcile()
+    study = r.study()
+    import datetime as dt
+
+    now = dt.datetime.now(dt.timezone.utc)
+    for number, ended in ((0, now - dt.timedelta(seconds=90)), (1, now - dt.timedelta(seconds=30))):
+        study.tell(number, 0.5)
+        status = terminated("Succeeded", 0, "Completed")
+        status["containerStatuses"][0]["state"]["terminated"]["finishedAt"] = ended.strftime("%Y-%m-%dT%H:%M:%SZ")
+        r.set_pod_status(number, status)
+
+    r.reconcile()  # reports both ends (annotates the pods) and starts trials 2 and 3
+    r.reconcile()  # removes what is beyond the count
+
+    assert sorted(r.pods()) == [1, 2, 3]
+    trial = r.study().trials[0]
+    assert trial.state == TrialState.COMPLETE and r.study().user_attrs["logs"] == f"{layers}/logs/default.fates/"
+    assert (layers / "logs" / "default.fates" / "trial-00000.log").read_text() == "epoch 1 val_loss 0.5 (fates-trial-0)\n"
+    assert not (layers / "logs" / "default.fates" / "trial-00001.log").exists()
+    assert not r.reasons("TrialFailed")  # a removed pod of a finished trial is not a lost trial
+
+
+def test_without_a_store_for_their_logs_finished_pods_stay(reconciler, k8s_api):
+    k8s_api.handler.pod_logs = lambda namespace, name: "log\n"
+    r = reconciler(trials={"max": 3, "parallel": 1, "maxFailed": 5, "retries": 0},
+                   trainer={"keepFinishedPods": {"count": 0}})
+    r.reconcile()
+    r.study().tell(0, 0.5)
+    r.set_pod_status(0, terminated("Succeeded", 0, "Completed"))
+    r.reconcile()
+    r.reconcile()
+    assert 0 in r.pods()

@@ -140,6 +140,9 @@ CONTEXT_DOCS = {
     ("dataset", "name"): "Dataset: fashion-mnist, mnist, cifar10, cifar100, imagefolder or npz.",
     ("pruner", "startupTrials"): "Trials that finish before the pruner starts pruning.",
     ("sampler", "startupTrials"): "Random trials before the sampler starts modelling (tpe, gp).",
+    ("keepFinishedPods", "count"): "Keep at most this many finished trial pods, the newest (unset: no limit).",
+    ("keepFinishedPods", "seconds"): "Remove a finished trial pod this many seconds after it ended (unset: never "
+                                     "by age).",
     ("env", "name"): "Name of the environment variable ([-._a-zA-Z][-._a-zA-Z0-9]*).",
     ("env", "value"): "Its value (or give valueFrom).",
     ("volumeMounts", "name"): "Name of a volume in trainer.volumes.",

@@ -651,6 +651,13 @@ class VolumeMount(_Model):
     sub_path: str | None = Field(None, max_length=4096)
 
 
+class FinishedPods(_Model):
+    """When the operator removes a finished trial pod (its log is archived first, next to the layers)."""
+
+    count: int | None = Field(20, ge=0)  # keep at most this many finished trial pods, the newest
+    seconds: int | None = Field(3600, ge=0)  # and none that ended longer ago than this
+
+
 def _check_label_keys(value: dict[str, Any]) -> dict[str, Any]:
     for key in value:
         if key.startswith(RESERVED_LABEL_PREFIXES):
@@ -679,6 +686,7 @@ class TrainerPod(_Model):
     env: list[EnvVar] = Field(default_factory=list, max_length=64)
     volumes: list[dict[str, Any]] = Field(default_factory=list, max_length=MAX_EXTRA)  # as a pod's volumes
     volume_mounts: list[VolumeMount] = Field(default_factory=list, max_length=MAX_EXTRA)
+    keep_finished_pods: FinishedPods = FinishedPods()
 
     @model_validator(mode="after")
     def _check(self) -> "TrainerPod":
@@ -1112,6 +1120,9 @@ FIELD_DOCS: dict[str, str] = {
     "volumeMounts": "Where the trainer container mounts the extra volumes (at most 16; not /, /tmp or the "
                     "feature cache).",
     "mountPath": "Absolute path in the container (no ':').",
+    "keepFinishedPods": "When finished trial pods are removed (perTrial mode): each pod's log is first copied "
+                        "next to the layer checkpoints (logs/NAMESPACE.NAME/trial-0000N.log; the study's `logs` "
+                        "attr names the folder); a pod is kept while the registry cannot take it. Unset count and seconds: keep all.",
     "readOnly": "Mount it read-only.",
     "subPath": "Mount only this path inside the volume.",
     "gpu": "Send trials to GPU nodes: all when enabled, or only those at least minConvLayers deep / minFilters wide.",

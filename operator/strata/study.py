@@ -41,6 +41,7 @@ ATTR_SHARED_FEATURES = "shared_features"  # hit: the frozen outputs came from an
 ATTR_SECONDS_SAVED = "seconds_saved_estimate"
 ATTR_QUEUED_SECONDS = "queued_seconds"  # asked, then waited for a donor or a slot: not run time
 ATTR_FAIL_REASON = "fail_reason"
+ATTR_LOGS = "logs"  # study attr: where removed trial pods' logs went (s3://layers/logs/ns.study/, trial-00007.log)
 ATTR_TEST_ACCURACY = "test_accuracy"  # the best epoch's weights on the test split (never used to choose trials)
 ATTR_TEST_LOSS = "test_loss"
 ATTR_TEST_SECONDS = "test_seconds"

@@ -26,8 +26,8 @@ from kubernetes.client.rest import ApiException
 log = logging.getLogger(__name__)
 
 # (resource, verb) pairs this module calls: the RBAC test reads this.
-VERBS_USED = {("pods", "list"), ("pods", "create"), ("pods", "delete"), ("pods", "patch"), ("secrets", "get"),
-              ("events", "create")}
+VERBS_USED = {("pods", "list"), ("pods", "create"), ("pods", "delete"), ("pods", "patch"), ("pods/log", "get"),
+              ("secrets", "get"), ("events", "create")}
 
 
 class SecretMissing(LookupError):
@@ -101,6 +101,22 @@ class KubeApi:
             if error.status != 404:
                 raise
             return None
+
+    def read_pod_log(self, namespace: str, name: str, limit_bytes: int) -> str | None:
+        """The pod's log (its last limit_bytes at most); None if the pod is gone; a note if it has none
+        (its container never started: the API answers 400)."""
+        self._count("pods", "log")
+        try:
+            # Raw bytes: the client's own decoding turns a text/plain body into the repr of bytes.
+            response = self.core.read_namespaced_pod_log(name, namespace, limit_bytes=limit_bytes,
+                                                         _preload_content=False)
+            return response.data.decode("utf-8", errors="replace")
+        except ApiException as error:
+            if error.status == 404:
+                return None
+            if error.status == 400:
+                return f"(no log: {error.reason})\n"
+            raise
 
     def annotate_pod(self, namespace: str, name: str, annotations: dict[str, str]) -> dict[str, Any] | None:
         """The pod as patched; None if it is gone."""

@@ -30,7 +30,7 @@ from strata.kube.trial_pods import ATTR_POD, TERMINAL, Happening, PodExecutor, _
 from strata.kube.worker_pods import WorkerPodExecutor
 from strata.objectstore import ObjectStoreError, open_object_store
 from strata.registry import LayerRegistry
-from strata.redaction import scrub
+from strata.redaction import scrub, scrub_registered
 from strata.retrying_storage import describe
 from strata.runner import step
 from strata.scheduler import Outcome, Plan, Progress, TrialScheduler
@@ -226,6 +226,19 @@ class StudyService:
                 return None  # misconfigured (no endpoint): nothing to come back
         return LayerRegistry(store)
 
+    def _log_archive(self, runtime: StudyRuntime, spec: StudySpec) -> Callable[[int, str], str] | None:
+        """Where a removed trial pod's log goes: the study's layer store, under logs/STUDY/ (None: no store)."""
+        registry = runtime.scheduler.registry
+        location = spec.storage.checkpoints or self.settings.checkpoints
+        if registry is None or not location:
+            return None
+        study = runtime.study.study_name
+
+        def archive(number: int, text: str) -> str:
+            registry.store.put_bytes(f"logs/{study}/trial-{number:05d}.log", scrub_registered(text).encode())
+            return f"{location.rstrip('/')}/logs/{study}/"  # no secret it read ever reaches the store
+        return archive
+
     def runtime(self, namespace: str, name: str, spec: StudySpec) -> StudyRuntime:
         key = builders.optuna_study_name(namespace, name)
         spec_json = json.dumps(spec_to_json(spec), sort_keys=True)
@@ -372,6 +385,8 @@ class StudyService:
             self._probe_registry(runtime, health, post)
             self._post_trial_events(runtime.study, exits, post)
             executor.mark_reported(exits)
+            if isinstance(executor, PodExecutor):
+                executor.remove_finished(self._log_archive(runtime, spec))
             if executor.rejected:
                 outcome = scheduler.outcome(executor.active())
             if outcome.finished:

@@ -8,6 +8,7 @@ what the API said, and Happening (an Event to post once).
 from __future__ import annotations
 
 import json
+import logging
 import time
 from dataclasses import dataclass
 from typing import Any, Callable
@@ -20,11 +21,14 @@ from strata.executors import WorkerExit
 from strata.kube import builders
 from strata.kube.api import KubeApi
 from strata.spec import StudySpec
-from strata.study import ATTR_RETRY_OF, read_trial
+from strata.study import ATTR_LOGS, ATTR_RETRY_OF, read_trial
 
+log = logging.getLogger(__name__)
 ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
 TERMINAL = ("Succeeded", "Failed")
 POD_REJECTED = {400, 409, 422}  # the API refuses this pod as built: retrying cannot help
+PRUNE_PER_PASS = 10  # finished pods removed per reconcile at most (each: a log read, a put, a delete)
+LOG_LIMIT_BYTES = 4 << 20  # a trial's archived log: its last 4 MiB
 
 
 def owned_pods(api: KubeApi, namespace: str, name: str, label: str | None = None) -> list[dict[str, Any]]:
@@ -144,11 +148,58 @@ class PodExecutor:
         for number in list(self.active()):
             self.stop(number)
 
+    def remove_finished(self, archive: Callable[[int, str], str] | None, limit: int = PRUNE_PER_PASS) -> list[int]:
+        """Remove finished trial pods beyond spec.trainer.keepFinishedPods (count, seconds), oldest first,
+        each once its log is archived (archive(number, text) -> the folder of the study's logs; it
+        raises if the store cannot take it, and the pod stays). No archive (no registry): pods stay.
+        The study's `logs` attr names the folder (a finished trial's attrs cannot change). The
+        trials whose pods were removed."""
+        keep = self.spec.trainer.keep_finished_pods
+        if archive is None or (keep.count is None and keep.seconds is None):
+            return []
+        done = sorted(((_finished_at(pod), number) for number, pod in self.pods.items()
+                       if self._phase(pod) in TERMINAL and not pod["metadata"].get("deletionTimestamp")
+                       and (pod["metadata"].get("annotations") or {}).get(builders.ANNOTATION_REPORTED) == "true"),
+                      reverse=True)  # newest first
+        now = time.time()
+        doomed = [number for rank, (ended, number) in enumerate(done)
+                  if (keep.count is not None and rank >= keep.count)
+                  or (keep.seconds is not None and now - ended > keep.seconds)]
+        removed = []
+        for number in sorted(doomed)[:limit]:
+            pod_name = self.pods[number]["metadata"]["name"]
+            text = self.api.read_pod_log(self.namespace, pod_name, LOG_LIMIT_BYTES)
+            if text is not None:
+                try:
+                    folder = archive(number, text)
+                except Exception as error:  # the store is down: keep the pods (and their logs) for now
+                    log.warning("could not archive the log of %s, keeping the pod: %s", pod_name, error)
+                    break
+                if self.study.user_attrs.get(ATTR_LOGS) != folder:
+                    self.study.set_user_attr(ATTR_LOGS, folder)
+            self.api.delete_pod(self.namespace, pod_name, grace_seconds=0)
+            del self.pods[number]
+            removed.append(number)
+        return removed
+
     def mark_reported(self, exits: list[WorkerExit]) -> None:
         for worker in exits:
             pod = self.pods.get(worker.number)
             if pod is not None:
                 self.api.annotate_pod(self.namespace, pod["metadata"]["name"], {builders.ANNOTATION_REPORTED: "true"})
+
+
+def _finished_at(pod: dict[str, Any]) -> float:
+    """When the pod's trainer ended (its container's finishedAt), else when the pod was made."""
+    import datetime as dt
+
+    status = pod.get("status") or {}
+    stamps = [((c.get("state") or {}).get("terminated") or {}).get("finishedAt")
+              for c in status.get("containerStatuses") or []]
+    stamp = next((s for s in stamps if s), None) or pod["metadata"].get("creationTimestamp")
+    if not stamp:
+        return time.time()
+    return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
 
 
 def _api_reason(error: ApiException) -> str:
