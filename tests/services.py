@@ -19,7 +19,7 @@ import time
 import uuid
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterator, TypeVar
+from typing import TYPE_CHECKING, Any, Callable, Iterator, TypeVar
 
 import pytest
 
@@ -296,6 +296,34 @@ def private_s3() -> Iterator[RestartableS3Server]:
             server.stop()
         except Exception:
             pass
+
+
+@pytest.fixture(scope="session")
+def sts_endpoint() -> Iterator[str]:
+    """An AWS STS (moto's) over HTTP that answers AssumeRoleWithWebIdentity as MinIO's STS does, with
+    the parameters in the URL (how the minio SDK's WebIdentityProvider sends them): moto's dispatcher
+    finds the service from a form body, so the query is handed on as one."""
+    import io
+    import threading
+
+    from moto.moto_server.werkzeug_app import DomainDispatcherApplication, create_backend_app
+    from werkzeug.serving import make_server
+
+    moto = DomainDispatcherApplication(create_backend_app)
+
+    def sts(environ: dict[str, Any], start_response: Any) -> Any:
+        body = environ.get("QUERY_STRING", "").encode()
+        environ.update({"CONTENT_TYPE": "application/x-www-form-urlencoded", "CONTENT_LENGTH": str(len(body)),
+                        "wsgi.input": io.BytesIO(body)})
+        return moto(environ, start_response)
+
+    server = make_server("127.0.0.1", 0, sts, threaded=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.server_port}"
+    finally:
+        server.shutdown()
 
 
 @pytest.fixture

@@ -369,6 +369,39 @@ def test_the_trainer_pod_security_context_value_reaches_trainer_pods_and_openshi
                                                   "seccompProfile": {"type": "RuntimeDefault"}}
 
 
+def test_s3_by_web_identity_gives_the_operator_and_every_trainer_pod_a_projected_token_and_no_keys() -> None:
+    from strata.kube.reconcile import settings_from_env
+
+    values = {"externalObjectStore": {"endpoint": "https://s3.eu-west-1.amazonaws.com", "bucket": "layers",
+                                      "webIdentity": {"stsEndpoint": "https://sts.amazonaws.com",
+                                                      "roleArn": "arn:aws:iam::123456789012:role/strata"}}}
+    docs = manifests(values)
+    container = operator_container(docs)
+    env = env_of(container)
+    assert env["STRATA_S3_STS_ENDPOINT"]["value"] == "https://sts.amazonaws.com"
+    assert env["STRATA_S3_WEB_IDENTITY_TOKEN_FILE"]["value"] == "/var/run/secrets/strata/s3/token"
+    assert "STRATA_S3_ACCESS_KEY" not in env and "STRATA_OBJECT_STORE_SECRET" not in env
+    deployment = next(d for d in docs if d["kind"] == "Deployment")
+    volume = next(v for v in deployment["spec"]["template"]["spec"]["volumes"] if v["name"] == "s3-token")
+    assert volume["projected"]["sources"][0]["serviceAccountToken"]["audience"] == "sts.amazonaws.com"
+    assert {"name": "s3-token", "mountPath": "/var/run/secrets/strata/s3", "readOnly": True} in container["volumeMounts"]
+
+    settings = settings_from_env(plain_env(container))
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    pod = builders.build_trial_pod(name="s", namespace=NAMESPACE, uid="uid-1", number=0, params={"convLayers": 2},
+                                   spec=spec, settings=settings)
+    trainer_env = env_of(pod["spec"]["containers"][0])
+    assert trainer_env["STRATA_S3_STS_ENDPOINT"]["value"] == "https://sts.amazonaws.com"
+    assert trainer_env["STRATA_S3_ROLE_ARN"]["value"] == "arn:aws:iam::123456789012:role/strata"
+    assert "STRATA_S3_ACCESS_KEY" not in trainer_env
+    token = next(v for v in pod["spec"]["volumes"] if v["name"] == "s3-token")
+    assert token["projected"]["sources"][0]["serviceAccountToken"] == {
+        "audience": "sts.amazonaws.com", "expirationSeconds": 3600, "path": "token"}
+    assert manifests()  # and off by default:
+    assert not any(v["name"] == "s3-token" for v in next(d for d in manifests() if d["kind"] == "Deployment")
+                   ["spec"]["template"]["spec"]["volumes"])
+
+
 def test_a_node_shared_feature_cache_volume_reaches_the_trainer_pods() -> None:
     from strata.kube.reconcile import settings_from_env
 

@@ -11,7 +11,7 @@ import pytest
 
 import strata.objectstore as objectstore
 from strata.objectstore import LocalFolderStore, ObjectNotFound, ObjectStoreError, S3Store, open_object_store
-from tests.services import free_port, wait_for
+from tests.services import free_port, sts_endpoint, wait_for  # noqa: F401
 
 MiB = 1024 * 1024
 
@@ -251,3 +251,54 @@ def test_wait_for_names_what_it_waited_for_and_the_last_error_when_it_times_out(
 
     with pytest.raises(TimeoutError, match=r"waiting for the server .*refused"):
         wait_for(never, timeout=0.05, interval=0.01, message="the server", ignore=(ConnectionError,))
+
+
+# --- credentials without static keys: the usual chain ----------------------------------------------
+
+
+def _keys(store: S3Store) -> tuple[str, str | None]:
+    credentials = store.client._provider.retrieve()
+    return credentials.access_key, credentials.session_token
+
+
+def test_without_static_keys_the_shared_credentials_file_signs_the_requests(s3_server, tmp_path, monkeypatch):
+    for name in ("STRATA_S3_ACCESS_KEY", "STRATA_S3_SECRET_KEY"):
+        monkeypatch.delenv(name, raising=False)
+    (tmp_path / "credentials").write_text("[ml]\naws_access_key_id = FROMFILE\naws_secret_access_key = s3cr3t\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_PROFILE", "ml")
+
+    store = open_object_store(f"s3://chain-{uuid.uuid4().hex[:8]}/p", s3_server.endpoint)
+    store.put_bytes("k", b"v")
+
+    assert store.get_bytes("k") == b"v" and _keys(store) == ("FROMFILE", None)
+
+
+def test_a_web_identity_token_is_exchanged_at_the_sts_for_session_credentials(s3_server, sts_endpoint, tmp_path,
+                                                                             monkeypatch):
+    # GKE or any OIDC issuer: a projected ServiceAccount token, traded at an STS
+    # (AssumeRoleWithWebIdentity; moto's server answers it over HTTP as MinIO's or AWS's would).
+    for name in ("STRATA_S3_ACCESS_KEY", "STRATA_S3_SECRET_KEY", "AWS_SHARED_CREDENTIALS_FILE"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))  # no ~/.aws here
+    token = tmp_path / "token"
+    token.write_text("eyJhbGciOiJSUzI1NiJ9.eyJzdWIiOiJzeXN0ZW06c2VydmljZWFjY291bnQ6bWw6dHJhaW5lciJ9.c2ln\n")
+    monkeypatch.setenv("STRATA_S3_STS_ENDPOINT", sts_endpoint)
+    monkeypatch.setenv("STRATA_S3_WEB_IDENTITY_TOKEN_FILE", str(token))
+    monkeypatch.setenv("STRATA_S3_ROLE_ARN", "arn:aws:iam::123456789012:role/strata-trainer")
+
+    store = open_object_store(f"s3://sts-{uuid.uuid4().hex[:8]}/p", s3_server.endpoint)
+    store.put_bytes("k", b"v")
+
+    access, session = _keys(store)
+    assert store.get_bytes("k") == b"v"
+    assert access.startswith("ASIA") and session  # temporary credentials, with their session token
+
+
+def test_with_no_credentials_anywhere_the_client_is_anonymous_and_never_asks_instance_metadata(tmp_path, monkeypatch):
+    from strata.objectstore import credential_chain
+
+    assert credential_chain({"HOME": str(tmp_path)}) is None
+    assert credential_chain({"HOME": str(tmp_path), "STRATA_S3_CREDENTIALS": "iam"}) is not None
+    assert credential_chain({"HOME": str(tmp_path), "AWS_WEB_IDENTITY_TOKEN_FILE": "/var/run/t",
+                             "AWS_ROLE_ARN": "arn:aws:iam::1:role/r"}) is not None

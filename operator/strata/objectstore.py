@@ -11,7 +11,7 @@ import os
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, Protocol
+from typing import Any, Iterator, Protocol
 from urllib.parse import urlparse
 
 
@@ -153,9 +153,12 @@ class S3Store:
             retries=urllib3.Retry(total=2, connect=1, backoff_factor=0.2, status_forcelist=[500, 502, 503, 504]),
             maxsize=10, cert_reqs="CERT_REQUIRED", ca_certs=certifi.where(),
         )
+        # Static keys when given (a Secret); else the usual chain (credential_chain), so pod identity
+        # (EKS IRSA or Pod Identity, an instance role, an STS that takes a web identity token) works.
+        provider = None if access_key and secret_key else credential_chain()
         self.client = Minio(parsed.netloc, access_key=access_key, secret_key=secret_key,
                             secure=parsed.scheme == "https", region=os.environ.get("STRATA_S3_REGION"),
-                            http_client=http)
+                            http_client=http, credentials=provider)
         try:
             if create_bucket and not self.client.bucket_exists(bucket):
                 self.client.make_bucket(bucket)
@@ -217,10 +220,48 @@ class S3Store:
             raise ObjectStoreError(f"delete {key}: {error}") from error
 
 
+def credential_chain(env: dict[str, str] | None = None):
+    """The credentials S3 clients find without static keys, in the order AWS tools look (the minio
+    SDK's providers): AWS_ACCESS_KEY_ID/..., MINIO_ACCESS_KEY/..., the shared credentials file
+    (AWS_SHARED_CREDENTIALS_FILE, AWS_PROFILE), then IAM: a web identity token (EKS IRSA:
+    AWS_WEB_IDENTITY_TOKEN_FILE with AWS_ROLE_ARN), the container endpoint (EKS Pod Identity, ECS:
+    AWS_CONTAINER_CREDENTIALS_FULL_URI / _RELATIVE_URI) or the instance role. STRATA_S3_STS_ENDPOINT
+    with STRATA_S3_WEB_IDENTITY_TOKEN_FILE (a projected ServiceAccount token: GKE, any OIDC issuer)
+    asks that STS (MinIO's, or another AssumeRoleWithWebIdentity one) first.
+
+    None when nothing points at any of them (anonymous, as before): the instance-metadata lookup is
+    only tried on a signal (AWS_* identity variables, a credentials file, or STRATA_S3_CREDENTIALS=iam),
+    so a laptop never waits for 169.254.169.254."""
+    from minio.credentials import (AWSConfigProvider, ChainedProvider, EnvAWSProvider, EnvMinioProvider,
+                                   IamAwsProvider, WebIdentityProvider)
+
+    env = os.environ if env is None else env
+    providers: list[Any] = []
+    sts, token_file = env.get("STRATA_S3_STS_ENDPOINT"), env.get("STRATA_S3_WEB_IDENTITY_TOKEN_FILE")
+    if sts and token_file:
+        def token() -> dict[str, str]:
+            return {"access_token": Path(token_file).read_text().strip()}  # read each time: it rotates
+        providers.append(WebIdentityProvider(jwt_provider_func=token, sts_endpoint=sts,
+                                             role_arn=env.get("STRATA_S3_ROLE_ARN") or None,
+                                             duration_seconds=int(env.get("STRATA_S3_STS_SECONDS") or 3600)))
+    if env.get("AWS_ACCESS_KEY_ID") or env.get("AWS_ACCESS_KEY"):
+        providers.append(EnvAWSProvider())
+    if env.get("MINIO_ACCESS_KEY"):
+        providers.append(EnvMinioProvider())
+    shared = env.get("AWS_SHARED_CREDENTIALS_FILE") or str(Path(env.get("HOME", "~")).expanduser() / ".aws/credentials")
+    if Path(shared).is_file():
+        providers.append(AWSConfigProvider(filename=shared, profile=env.get("AWS_PROFILE") or None))
+    if any(env.get(name) for name in ("AWS_WEB_IDENTITY_TOKEN_FILE", "AWS_CONTAINER_CREDENTIALS_FULL_URI",
+                                      "AWS_CONTAINER_CREDENTIALS_RELATIVE_URI")) \
+            or env.get("STRATA_S3_CREDENTIALS", "").lower() == "iam":
+        providers.append(IamAwsProvider())
+    return ChainedProvider(providers) if providers else None
+
+
 def s3_credentials_from_env() -> tuple[str | None, str | None]:
-    access = os.environ.get("STRATA_S3_ACCESS_KEY") or os.environ.get("AWS_ACCESS_KEY_ID")
-    secret = os.environ.get("STRATA_S3_SECRET_KEY") or os.environ.get("AWS_SECRET_ACCESS_KEY")
-    return access, secret
+    """Static keys (STRATA_S3_ACCESS_KEY/SECRET_KEY, from a Secret in a cluster). AWS_* keys, with
+    their session token, are the credential chain's."""
+    return os.environ.get("STRATA_S3_ACCESS_KEY"), os.environ.get("STRATA_S3_SECRET_KEY")
 
 
 def open_object_store(location: str, endpoint: str | None = None, create: bool = True,

@@ -618,8 +618,8 @@ GPU_RESOURCE = "nvidia.com/gpu"  # the limit strata.kube.builders gives GPU tria
 # What the operator sets in every trainer pod: a user's env, volume or mount may not take these.
 RESERVED_ENV_PREFIX = "STRATA_"
 RESERVED_ENV = frozenset({"HOME", "OMP_WAIT_POLICY"})
-RESERVED_VOLUMES = frozenset({"tmp", "features"})
-RESERVED_MOUNTS = ("/tmp", "/var/cache/strata-features")  # strata.kube.builders.FEATURE_CACHE_MOUNT
+RESERVED_VOLUMES = frozenset({"tmp", "features", "s3-token"})
+RESERVED_MOUNTS = ("/tmp", "/var/cache/strata-features", "/var/run/secrets/strata")  # see strata.kube.builders
 RESERVED_LABEL_PREFIXES = ("hpo.strata.dev/", "app.kubernetes.io/name", "app.kubernetes.io/managed-by")
 MAX_EXTRA = 16  # extra env vars, volumes, mounts, pull secrets, spread constraints
 

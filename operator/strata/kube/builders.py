@@ -28,6 +28,7 @@ TrainerModule = Annotated[str, AfterValidator(lambda name: check_trainer_module(
 TRAINER_UID = 1000
 DEFAULT_POD_SECURITY_CONTEXT = {"runAsUser": TRAINER_UID, "runAsGroup": TRAINER_UID, "fsGroup": TRAINER_UID}
 FEATURE_CACHE_MOUNT = "/var/cache/strata-features"
+S3_TOKEN_MOUNT = "/var/run/secrets/strata/s3"  # a projected ServiceAccount token, for S3 by web identity
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,11 @@ class OperatorSettings:
     # made writable for its group); under OpenShift's restricted SCC the platform assigns both, so
     # there it is {} (Helm: trainer.podSecurityContext). runAsNonRoot and seccomp are always set.
     trainer_pod_security_context: dict[str, Any] = field(default_factory=lambda: dict(DEFAULT_POD_SECURITY_CONTEXT))
+    # S3 by web identity (no keys): trainer pods get a projected ServiceAccount token with this
+    # audience and trade it at this STS (strata.objectstore.credential_chain), as the operator does.
+    s3_sts_endpoint: str | None = None
+    s3_role_arn: str | None = None
+    s3_token_audience: str = "sts.amazonaws.com"
     # Check each study's data once in a trainer pod before its first trial (strata_trainer.datacheck).
     check_data: bool = True
     # `python -m MODULE` in every trainer, worker and data-check pod: strata_trainer.standin is the
@@ -246,10 +252,19 @@ def _trainer_pod(*, name: str, namespace: str, uid: str, spec: StudySpec, settin
         {"name": "STRATA_DATA_CACHE", "value": "/tmp/datasets"},
         {"name": "HOME", "value": "/tmp"},
     ]
+    token_mounts, token_volumes = [], []
+    if settings.s3_sts_endpoint:
+        env += [{"name": "STRATA_S3_STS_ENDPOINT", "value": settings.s3_sts_endpoint},
+                {"name": "STRATA_S3_WEB_IDENTITY_TOKEN_FILE", "value": f"{S3_TOKEN_MOUNT}/token"}]
+        if settings.s3_role_arn:
+            env.append({"name": "STRATA_S3_ROLE_ARN", "value": settings.s3_role_arn})
+        token_mounts.append({"name": "s3-token", "mountPath": S3_TOKEN_MOUNT, "readOnly": True})
+        token_volumes.append({"name": "s3-token", "projected": {"sources": [{"serviceAccountToken": {
+            "audience": settings.s3_token_audience, "expirationSeconds": 3600, "path": "token"}}]}})
     env += [omit_none(e.model_dump(by_alias=True)) for e in trainer.env]  # the user's, after ours (none clash)
-    mounts = [{"name": "tmp", "mountPath": "/tmp"}]
+    mounts = [{"name": "tmp", "mountPath": "/tmp"}, *token_mounts]
     mounts += [omit_none(m.model_dump(by_alias=True)) for m in trainer.volume_mounts]
-    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, *trainer.volumes]
+    volumes: list[dict[str, Any]] = [{"name": "tmp", "emptyDir": {}}, *token_volumes, *trainer.volumes]
     if settings.feature_cache_volume and spec.reuse.enabled and spec.reuse.cache_frozen_features:
         env.append({"name": "STRATA_FEATURE_CACHE_DIR", "value": FEATURE_CACHE_MOUNT})
         if settings.feature_cache_bytes:

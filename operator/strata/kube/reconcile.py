@@ -97,6 +97,9 @@ def settings_from_env(env: dict[str, str] | None = None) -> builders.OperatorSet
         s3_endpoint=env.get("STRATA_S3_ENDPOINT") or None,
         check_data=(env.get("STRATA_DATA_CHECK") or "true").lower() not in ("0", "false", "no", "off"),
         trainer_module=parsed("STRATA_TRAINER_MODULE", builders.TrainerModule, builders.DEFAULT_TRAINER_MODULE),
+        s3_sts_endpoint=env.get("STRATA_S3_STS_ENDPOINT") or None,
+        s3_role_arn=env.get("STRATA_S3_ROLE_ARN") or None,
+        s3_token_audience=env.get("STRATA_S3_TOKEN_AUDIENCE") or "sts.amazonaws.com",
         trainer_pod_security_context=_pod_security_context(
             parsed("STRATA_TRAINER_POD_SECURITY_CONTEXT", dict[str, Any],
                    json.dumps(builders.DEFAULT_POD_SECURITY_CONTEXT))),
