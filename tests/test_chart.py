@@ -14,6 +14,8 @@ import functools
 import json
 import os
 import re
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -32,7 +34,7 @@ ROOT = Path(__file__).resolve().parents[1]
 CHART = ROOT / "charts" / "strata"
 RELEASE, NAMESPACE = "strata", "ml"
 KUBE_VERSIONS = ["1.28.0", "1.29.0", "1.30.0", "1.31.0", "1.32.0", "1.33.0"]
-CUSTOM_KINDS = {"ServiceMonitor"}  # custom resources: kubernetes-validate has no schema for them
+CUSTOM_KINDS = {"ServiceMonitor", "PrometheusRule"}  # custom resources: kubernetes-validate has no schema for them
 WORKLOAD_KINDS = {"Deployment", "StatefulSet", "Job", "DaemonSet", "CronJob"}
 WATCHED = ["team-a", "team-b"]  # watchNamespaces: neither is the release namespace
 
@@ -47,7 +49,13 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
         "externalObjectStore": {"endpoint": "https://s3.example.com", "bucket": "strata-layers",
                                 "existingSecret": "s3-keys"},
     },
-    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"}}},
+    "monitoring": {"metrics": {"serviceMonitor": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                                                  "namespace": "monitoring", "annotations": {"team": "ml"},
+                                                  "relabelings": [{"targetLabel": "cluster", "replacement": "eu-1"}],
+                                                  "metricRelabelings": [{"sourceLabels": ["__name__"],
+                                                                         "regex": "python_gc_.*", "action": "drop"}]},
+                               "prometheusRule": {"enabled": True, "labels": {"release": "kube-prometheus-stack"},
+                                                  "alertLabels": {"team": "ml-platform"}}},
                    "dashboard": {"namespace": "monitoring", "annotations": {"grafana_folder": "Strata"}}},
     "everything": {
         "rbac": {"scope": "namespace"}, "postgresql": {"enabled": True, "auth": {"password": "given-pass"}},
@@ -746,8 +754,8 @@ def test_metrics_service_and_service_monitor_select_the_operator() -> None:
     assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}
     assert service["metadata"]["labels"][monitor["spec"]["jobLabel"]] == "strata"  # the dashboard's up{job="strata"}
     (endpoint,) = monitor["spec"]["endpoints"]
-    assert endpoint == {"port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s",
-                        "honorLabels": True}
+    assert {k: v for k, v in endpoint.items() if "elabelings" not in k} == {
+        "port": "metrics", "path": "/metrics", "interval": "30s", "scrapeTimeout": "10s", "honorLabels": True}
     assert not [d for d in manifests() if d["kind"] == "ServiceMonitor"]
 
 
@@ -841,3 +849,99 @@ def test_notes_name_the_namespaces_the_operator_watches() -> None:
     assert "every namespace" in render()["strata/templates/NOTES.txt"]
     single = render({"rbac": {"scope": "namespace"}, "postgresql": {"enabled": True}})["strata/templates/NOTES.txt"]
     assert f"in namespace {NAMESPACE} only" in single and "copy" not in single
+
+
+
+# --- alerts --------------------------------------------------------------------------------------------
+
+def test_the_service_monitor_takes_a_namespace_annotations_and_relabelings() -> None:
+    monitor = only(manifests(VALUE_SETS["monitoring"]), "ServiceMonitor")
+    assert monitor["metadata"]["namespace"] == "monitoring" and monitor["metadata"]["annotations"] == {"team": "ml"}
+    assert monitor["spec"]["namespaceSelector"] == {"matchNames": [NAMESPACE]}  # the Service stays where it is
+    endpoint = monitor["spec"]["endpoints"][0]
+    assert endpoint["relabelings"] == [{"targetLabel": "cluster", "replacement": "eu-1"}]
+    assert endpoint["metricRelabelings"][0]["action"] == "drop"
+
+
+PROMTOOL = shutil.which("promtool")
+needs_promtool = pytest.mark.skipif(PROMTOOL is None, reason="promtool (Debian package prometheus) is not installed")
+
+
+def _rules_file(tmp_path: Path, values: dict[str, Any]) -> Path:
+    rule = only(manifests(values), "PrometheusRule")
+    path = tmp_path / "rules.yml"
+    path.write_text(yaml.safe_dump({"groups": rule["spec"]["groups"]}))
+    return path
+
+
+@needs_promtool
+def test_the_alerts_are_valid_prometheus_rules_that_fire_on_what_they_name(tmp_path: Path) -> None:
+    rules = _rules_file(tmp_path, VALUE_SETS["monitoring"])
+    checked = subprocess.run([PROMTOOL, "check", "rules", str(rules)], capture_output=True, text=True)
+    assert checked.returncode == 0, checked.stdout + checked.stderr
+    study = 'namespace="ml",study="fashion"'
+    tests = {"rule_files": [str(rules)], "evaluation_interval": "1m", "tests": [{
+        "interval": "1m",
+        "input_series": [
+            {"series": 'up{job="strata"}', "values": "1 1 0x20"},
+            {"series": f'strata_study_phase{{{study},phase="Failed"}}', "values": "0 0 1x20"},
+            {"series": f'strata_study_phase{{namespace="ml",study="ok",phase="Failed"}}', "values": "0x22"},
+            {"series": f'strata_reconcile_errors_total{{{study}}}', "values": "0+1x22"},
+            {"series": f'strata_dependency_up{{{study},dependency="database"}}', "values": "1 0x21"},
+            {"series": f'strata_dependency_up{{{study},dependency="registry"}}', "values": "1x22"},
+            {"series": f'strata_trials_total{{{study},state="failed"}}', "values": "0+2x22"},
+            {"series": f'strata_trials_total{{{study},state="complete"}}', "values": "0+1x22"},
+            {"series": f'strata_trials_total{{namespace="ml",study="ok",state="failed"}}', "values": "0x22"},
+            {"series": f'strata_trials_total{{namespace="ml",study="ok",state="complete"}}', "values": "0+3x22"},
+        ],
+        "alert_rule_test": [
+            {"eval_time": "20m", "alertname": "StrataOperatorDown", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", "team": "ml-platform"},
+                 "exp_annotations": {"summary": "The Strata operator is down", "description": (
+                     "No scrape of the Strata operator (job strata) has succeeded for 5m; HPOStudies are not "
+                     "reconciled and no trial starts.")}}]},
+            {"eval_time": "1m", "alertname": "StrataOperatorDown", "exp_alerts": []},
+            {"eval_time": "5m", "alertname": "StrataStudyFailed", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "team": "ml-platform", "namespace": "ml", "study": "fashion",
+                                "phase": "Failed"},
+                 "exp_annotations": {"summary": "HPOStudy ml/fashion failed", "description": (
+                     "kubectl describe hpostudy -n ml fashion shows why (its Failed condition and Events).")}}]},
+            {"eval_time": "20m", "alertname": "StrataReconcileErrors", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "team": "ml-platform", "namespace": "ml", "study": "fashion"},
+                 "exp_annotations": {"summary": "Reconciles of ml/fashion keep failing",
+                                     "description": "10 reconcile errors in 10 minutes; the operator log has the "
+                                                    "tracebacks."}}]},
+            {"eval_time": "20m", "alertname": "StrataDependencyDown", "exp_alerts": [
+                {"exp_labels": {"severity": "critical", "team": "ml-platform", "namespace": "ml", "study": "fashion",
+                                "dependency": "database"},
+                 "exp_annotations": {"summary": "The database of ml/fashion is unreachable", "description": (
+                     "Its Degraded condition says since when; the study waits (database), runs without reuse "
+                     "(registry) or cannot start pods (kubernetes).")}}]},
+            {"eval_time": "3m", "alertname": "StrataDependencyDown", "exp_alerts": []},
+            {"eval_time": "20m", "alertname": "StrataTrialFailureRate", "exp_alerts": [
+                {"exp_labels": {"severity": "warning", "team": "ml-platform", "namespace": "ml", "study": "fashion"},
+                 "exp_annotations": {"summary": "Many trials of ml/fashion fail", "description": (
+                     "More than 25% of its trials finished as failed in 30 minutes; the TrialFailed Events carry "
+                     "the reasons.")}}]},
+        ],
+    }]}
+    test_file = tmp_path / "test.yml"
+    test_file.write_text(yaml.safe_dump(tests))
+
+    result = subprocess.run([PROMTOOL, "test", "rules", str(test_file)], capture_output=True, text=True)
+
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_every_metric_the_alerts_use_is_one_the_exporter_serves() -> None:
+    from prometheus_client import generate_latest
+
+    from strata.metrics import StrataMetrics, StudySnapshot
+
+    metrics = StrataMetrics()
+    metrics.update("ml", "fashion", StudySnapshot(phase="Running", dependencies_up={"database": True}))
+    metrics.reconcile_errors.labels("ml", "fashion").inc()
+    served = set(re.findall(r"^([a-z_]+)[{ ]", generate_latest(metrics.registry).decode(), re.MULTILINE))
+    rule = only(manifests({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
+    used = {name for r in rule["spec"]["groups"][0]["rules"] for name in re.findall(r"\b(strata_[a-z_]+)", r["expr"])}
+    assert used and used <= served, used - served
