@@ -68,7 +68,12 @@ VALUE_SETS: dict[str, dict[str, Any]] = {
                     "gpuNodeSelector": {"pool": "gpu"},
                     "gpuTolerations": [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]},
         "operator": {"extraArgs": ["--verbose"], "nodeSelector": {"pool": "system"},
-                     "extraEnv": [{"name": "STRATA_S3_REGION", "value": "eu-west-1"}]},
+                     "extraEnv": [{"name": "STRATA_S3_REGION", "value": "eu-west-1"}],
+                     "extraVolumes": [{"name": "ca", "configMap": {"name": "corporate-ca"}}],
+                     "extraVolumeMounts": [{"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True}],
+                     "topologySpreadConstraints": [{"maxSkew": 1, "topologyKey": "topology.kubernetes.io/zone",
+                                                    "whenUnsatisfiable": "ScheduleAnyway"}]},
+        "networkPolicy": {"enabled": True, "egress": [{"ports": [{"port": 53, "protocol": "UDP"}]}, {}]},
     },
 }
 
@@ -212,7 +217,26 @@ def test_schema_forbids_unknown_keys_at_every_level_it_defines() -> None:
         return loose + walk(node.get("items"), f"{where}[]")
 
     schema = json.loads((CHART / "values.schema.json").read_text())
-    assert walk(schema, "values") == []
+    assert walk(schema, "values") == ["values.global"]  # Helm's globals are shared with other charts
+
+
+def test_global_image_registry_and_digests_reach_every_image_trainer_pods_included() -> None:
+    digest = "sha256:" + "ab" * 32
+    values = {"global": {"imageRegistry": "mirror.example.com/ml"}, "postgresql": {"enabled": True},
+              "minio": {"enabled": True, "image": {"digest": digest}}}
+    docs = manifests(values)
+    images = sorted({c["image"] for d in docs if d["kind"] in ("Deployment", "StatefulSet", "Job")
+                     for c in d["spec"]["template"]["spec"]["containers"]})
+    assert images == sorted([
+        "mirror.example.com/ml/library/postgres:16.4-bookworm",  # docker.io/library/postgres
+        f"mirror.example.com/ml/minio/minio@{digest}",  # quay.io/minio/minio, pinned
+        "mirror.example.com/ml/minio/mc:RELEASE.2024-10-08T09-37-26Z",
+        "mirror.example.com/ml/strata-hpo/operator:0.1.0"])
+    assert env_of(operator_container(docs))["STRATA_TRAINER_IMAGE"]["value"] == \
+        "mirror.example.com/ml/strata-hpo/trainer:0.1.0"
+    pinned = env_of(operator_container(manifests({"trainer": {"image": {"digest": digest}}})))
+    assert pinned["STRATA_TRAINER_IMAGE"]["value"] == f"ghcr.io/strata-hpo/trainer@{digest}"
+    assert operator_container(manifests())["image"] == "ghcr.io/strata-hpo/operator:0.1.0"  # unchanged by default
 
 
 @pytest.mark.parametrize("values, message", [
@@ -945,3 +969,52 @@ def test_every_metric_the_alerts_use_is_one_the_exporter_serves() -> None:
     rule = only(manifests({"metrics": {"prometheusRule": {"enabled": True}}}), "PrometheusRule")
     used = {name for r in rule["spec"]["groups"][0]["rules"] for name in re.findall(r"\b(strata_[a-z_]+)", r["expr"])}
     assert used and used <= served, used - served
+
+
+
+# --- operator pod extras, service account, network policies ----------------------------------------------
+
+def test_operator_extra_volumes_topology_spread_and_a_service_account_without_automount() -> None:
+    docs = manifests(VALUE_SETS["everything"])
+    pod = only(docs, "Deployment")["spec"]["template"]["spec"]
+    assert {"name": "ca", "configMap": {"name": "corporate-ca"}} in pod["volumes"]
+    assert {"name": "ca", "mountPath": "/etc/ssl/corporate", "readOnly": True} in pod["containers"][0]["volumeMounts"]
+    assert pod["topologySpreadConstraints"][0]["topologyKey"] == "topology.kubernetes.io/zone"
+    assert pod["automountServiceAccountToken"] is True  # the operator calls the API server
+    assert only(docs, "ServiceAccount")["automountServiceAccountToken"] is False
+    assert only(manifests({"serviceAccount": {"automount": True}}), "ServiceAccount")["automountServiceAccountToken"]
+
+
+def _selects(selector: dict[str, Any], labels: dict[str, str]) -> bool:
+    return selector.get("matchLabels", {}).items() <= labels.items()
+
+
+def test_network_policies_let_only_the_operator_and_trainer_pods_reach_the_bundled_services() -> None:
+    docs = manifests(VALUE_SETS["everything"])
+    policies = {d["metadata"]["name"]: d for d in docs if d["kind"] == "NetworkPolicy"}
+    assert set(policies) == {"strata", "strata-postgresql", "strata-minio"}  # release "strata": no prefix
+    operator_labels = only(docs, "Deployment")["spec"]["template"]["metadata"]["labels"]
+    spec = parse_spec(yaml.safe_load((ROOT / "examples" / "fashion-quick.yaml").read_text())["spec"])
+    trainer_labels = builders.build_trial_pod(name="s", namespace="team-a", uid="u", number=0, params={"convLayers": 1},
+                                              spec=spec, settings=builders.OperatorSettings())["metadata"]["labels"]
+    statefulsets = {d["metadata"]["name"]: d for d in docs if d["kind"] == "StatefulSet"}
+
+    operator_policy = policies["strata"]
+    assert _selects(operator_policy["spec"]["podSelector"], operator_labels)
+    assert operator_policy["spec"]["policyTypes"] == ["Ingress", "Egress"]
+    assert operator_policy["spec"]["ingress"] == [{"ports": [{"port": "metrics", "protocol": "TCP"}],
+                                                   "from": [{"namespaceSelector": {}}]}]
+    for component, port in (("postgresql", 5432), ("minio", 9000)):
+        policy = policies[f"strata-{component}"]["spec"]
+        server = next(s for s in statefulsets.values() if s["metadata"]["labels"]["app.kubernetes.io/component"] == component)
+        assert _selects(policy["podSelector"], server["spec"]["template"]["metadata"]["labels"])
+        (rule,) = policy["ingress"]
+        assert rule["ports"] == [{"port": port, "protocol": "TCP"}]
+        peers = rule["from"]
+        assert any("namespaceSelector" not in p and _selects(p["podSelector"], operator_labels) for p in peers)
+        assert any(p.get("namespaceSelector") == {} and _selects(p["podSelector"], trainer_labels) for p in peers)
+        assert not any(p.get("podSelector") == {} or p.get("namespaceSelector") == {} and "podSelector" not in p
+                       for p in peers)  # never everyone
+    assert not [d for d in manifests() if d["kind"] == "NetworkPolicy"]
+    only_ingress = only(manifests({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
+    assert only_ingress["spec"]["policyTypes"] == ["Ingress"]

@@ -68,12 +68,36 @@ else the release namespace in namespace scope, else "" (every namespace, cluster
 {{- end }}
 {{- end }}
 
+{{/*
+An image reference: (dict "ctx" $ "image" .Values.x.image "tag" default-tag). global.imageRegistry, when
+set, replaces the repository's registry (the first path part when it names a host: has a dot or a
+port, or is localhost) or prefixes a repository that names none; a digest pins the image (repo@digest)
+and the tag is then ignored.
+*/}}
+{{- define "strata.image" -}}
+{{- $registry := (.ctx.Values.global | default dict).imageRegistry | default "" }}
+{{- $repository := .image.repository }}
+{{- if $registry }}
+{{- $parts := splitList "/" $repository }}
+{{- $host := first $parts }}
+{{- if and (gt (len $parts) 1) (or (contains "." $host) (contains ":" $host) (eq $host "localhost")) }}
+{{- $repository = join "/" (rest $parts) }}
+{{- end }}
+{{- $repository = printf "%s/%s" (trimSuffix "/" $registry) $repository }}
+{{- end }}
+{{- if .image.digest }}
+{{- printf "%s@%s" $repository .image.digest }}
+{{- else }}
+{{- printf "%s:%s" $repository (.image.tag | default .tag) }}
+{{- end }}
+{{- end }}
+
 {{- define "strata.operatorImage" -}}
-{{- printf "%s:%s" .Values.image.repository (default .Chart.AppVersion .Values.image.tag) }}
+{{- include "strata.image" (dict "ctx" . "image" .Values.image "tag" .Chart.AppVersion) }}
 {{- end }}
 
 {{- define "strata.trainerImage" -}}
-{{- printf "%s:%s" .Values.trainer.image.repository (default .Chart.AppVersion .Values.trainer.image.tag) }}
+{{- include "strata.image" (dict "ctx" . "image" .Values.trainer.image "tag" .Chart.AppVersion) }}
 {{- end }}
 
 {{/* ---- Optuna storage: in-cluster PostgreSQL or an external database ---- */}}
