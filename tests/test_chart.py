@@ -16,6 +16,7 @@ import os
 import re
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -1018,3 +1019,29 @@ def test_network_policies_let_only_the_operator_and_trainer_pods_reach_the_bundl
     assert not [d for d in manifests() if d["kind"] == "NetworkPolicy"]
     only_ingress = only(manifests({"networkPolicy": {"enabled": True}}), "NetworkPolicy")
     assert only_ingress["spec"]["policyTypes"] == ["Ingress"]
+
+
+def test_a_database_password_from_an_existing_secret_survives_template_based_gitops() -> None:
+    # helm template (Argo CD, Flux) cannot look up the installed Secret: a generated password would
+    # change on every render. With existingSecret the chart renders no password at all.
+    values = {"postgresql": {"enabled": True, "auth": {"existingSecret": "optuna-db-credentials"}}}
+    first, second = manifests(values), manifests(values)
+    assert first == second
+    assert not [d for d in first if d["kind"] == "Secret" and "postgresql" in d["metadata"]["name"]]
+    server = next(d for d in first if d["kind"] == "StatefulSet" and "postgresql" in d["metadata"]["name"])
+    password = next(e for e in server["spec"]["template"]["spec"]["containers"][0]["env"]
+                    if e["name"] == "POSTGRES_PASSWORD")
+    assert password["valueFrom"]["secretKeyRef"] == {"name": "optuna-db-credentials", "key": "password"}
+    assert env_of(operator_container(first))["STRATA_DATABASE_SECRET"]["value"] == "optuna-db-credentials/url"
+    generated = [d for d in manifests({"postgresql": {"enabled": True}}) if d["kind"] == "Secret"]
+    assert len(generated) == 2  # without it: the generated password's Secret and the URL's, as before
+
+
+def test_the_chart_readme_lists_every_value_and_is_up_to_date() -> None:
+    result = subprocess.run([sys.executable, str(ROOT / "scripts" / "chart_readme.py"), "--check"],
+                            capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr
+    readme = (CHART / "README.md").read_text()
+    for key in ("global.imageRegistry", "trainer.podSecurityContext", "metrics.prometheusRule.enabled",
+                "networkPolicy.enabled", "postgresql.auth.existingSecret", "externalObjectStore.webIdentity.stsEndpoint"):
+        assert f"| `{key}` |" in readme, key

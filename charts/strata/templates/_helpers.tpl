@@ -108,7 +108,7 @@ and the tag is then ignored.
 
 {{/* Secret with the server password (key: password). */}}
 {{- define "strata.postgresql.authSecret" -}}
-{{- printf "%s-auth" (include "strata.postgresql.fullname" .) }}
+{{- .Values.postgresql.auth.existingSecret | default (printf "%s-auth" (include "strata.postgresql.fullname" .)) }}
 {{- end }}
 
 {{/* Name and key of the Secret holding the full Optuna URL, or "" when no database is configured. */}}
@@ -116,7 +116,7 @@ and the tag is then ignored.
 {{- if and .Values.postgresql.enabled .Values.externalDatabase.existingSecret }}
 {{- fail "set either postgresql.enabled or externalDatabase.existingSecret, not both" }}
 {{- else if .Values.postgresql.enabled }}
-{{- printf "%s-url" (include "strata.postgresql.fullname" .) }}
+{{- .Values.postgresql.auth.existingSecret | default (printf "%s-url" (include "strata.postgresql.fullname" .)) }}
 {{- else }}
 {{- .Values.externalDatabase.existingSecret }}
 {{- end }}
