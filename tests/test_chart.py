@@ -790,7 +790,7 @@ def _exported_metric_names() -> set[str]:
     from strata.metrics import StrataMetrics, StudySnapshot
 
     metrics = StrataMetrics()
-    metrics.update("ml", "s", StudySnapshot(phase="Running", complete=2, best_value=0.3, durations=[4.0],
+    metrics.update("ml", "s", StudySnapshot(phase="Running", complete=2, best_value=0.3, durations=[4.0], max_trials=8,
                                             registry_objects=3, registry_bytes=10,
                                             dependencies_up={"database": True}, dependency_failures={"database": 1}))
     with metrics.reconcile("ml", "s"):
@@ -832,11 +832,11 @@ def test_dashboard_panels_query_prometheus_through_the_datasource_variable() -> 
 
 
 def test_dashboard_queries_use_only_metrics_the_operator_exports() -> None:
-    exported = _exported_metric_names() | {"up"}
+    exported = _exported_metric_names() | {"up", "ALERTS"}  # Prometheus' own series
     queries = load_dashboard_queries()
     used = set()
     for title, expr in queries:
-        names = set(re.findall(r"\b(strata_[a-z_]+|up)\b(?=\s*[{\[)])", expr))
+        names = set(re.findall(r"\b(strata_[a-z_]+|process_[a-z_]+|up|ALERTS)\b(?=\s*[{\[)])", expr))
         assert names, f"{title}: no metric in {expr}"
         assert names <= exported, f"{title}: {sorted(names - exported)} are not exported"
         used |= names
@@ -846,8 +846,27 @@ def test_dashboard_queries_use_only_metrics_the_operator_exports() -> None:
                    "strata_training_seconds_saved_total", "strata_reconcile_duration_seconds_bucket",
                    "strata_reconcile_errors_total", "strata_optuna_storage_call_duration_seconds_bucket",
                    "strata_registry_objects", "strata_registry_bytes", "strata_registry_load_failures_total",
-                   "strata_dependency_up", "strata_dependency_failures_total", "up"):
+                   "strata_dependency_up", "strata_dependency_failures_total", "up", "strata_trials_max",
+                   "strata_trial_retries_total", "process_cpu_seconds_total", "process_resident_memory_bytes",
+                   "ALERTS"):
         assert family in used, f"no panel shows {family}"
+
+
+def test_the_dashboard_shows_a_down_operator_in_red_and_what_each_study_is_doing() -> None:
+    dashboard = json.loads((CHART / "dashboards" / "strata.json").read_text())
+    panels = {p["title"]: p for p in iter_panels(dashboard)}
+    up = panels["Operator up"]["fieldConfig"]["defaults"]
+    assert up["noValue"] == "DOWN"  # no series at all (the target is gone) reads DOWN
+    assert up["thresholds"]["steps"] == [{"color": "red", "value": None}, {"color": "green", "value": 1}]
+    assert up["mappings"][0]["options"]["0"] == {"text": "DOWN", "color": "red", "index": 0}
+    assert panels["Operator up"]["options"]["colorMode"] == "background"
+    assert "strata_trials_max" in panels["Progress"]["targets"][0]["expr"]
+    table = panels["Studies"]
+    assert table["type"] == "table" and [t["refId"] for t in table["targets"]] == ["A", "B", "C", "D", "E"]
+    assert all(t["format"] == "table" and t["instant"] for t in table["targets"])
+    assert table["transformations"][0]["id"] == "merge"
+    assert {"Trial throughput", "Failures and retries", "Operator CPU", "Operator memory",
+            "Strata alerts firing"} <= set(panels)
 
 
 def test_dashboard_query_loader_substitutes_grafana_variables() -> None:

@@ -57,6 +57,10 @@ class StrataMetrics:
                                          buckets=(0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10),
                                          registry=self.registry)
         self.registry.register(_SnapshotCollector(self))
+        if registry is None:  # the operator's own registry: its process too (CPU, memory, open fds)
+            from prometheus_client import ProcessCollector
+
+            ProcessCollector(registry=self.registry)
 
     def update(self, namespace: str, study: str, snapshot: StudySnapshot) -> None:
         with self._lock:
