@@ -1075,3 +1075,27 @@ def test_the_schema_is_structural():
         return problems
 
     assert walk(SCHEMA, "") == []
+
+
+def test_no_two_different_fields_share_a_description():
+    # "Turn the feature on." for two unrelated fields tells kubectl explain's reader nothing. The
+    # same text is fine only for the same structure reached twice (a toleration's fields under
+    # trainer.tolerations and trainer.gpu.tolerations).
+    import collections
+
+    seen: dict[str, set[str]] = collections.defaultdict(set)
+
+    def walk(node, path):
+        if not isinstance(node, dict):
+            return
+        if isinstance(node.get("description"), str):
+            seen[node["description"]].add(path.split(".")[-1] if ".tolerations[]." in path else path)
+        for name, child in (node.get("properties") or {}).items():
+            walk(child, f"{path}.{name}")
+        for key in ("items", "additionalProperties"):
+            if isinstance(node.get(key), dict):
+                walk(node[key], f"{path}[]")
+
+    walk(SCHEMA, "")
+    shared = {text: paths for text, paths in seen.items() if len(paths) > 1}
+    assert not shared, shared
