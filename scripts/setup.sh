@@ -6,6 +6,7 @@ cd "$(dirname "$0")/.."
 need=()
 [ -d /usr/share/datasets/fashion-mnist ] || need+=(dataset-fashion-mnist)
 command -v prometheus >/dev/null 2>&1 || need+=(prometheus)
+command -v tmux >/dev/null 2>&1 || need+=(tmux)  # a real terminal for the CLI's live display tests
 [ -x /usr/lib/postgresql/15/bin/initdb ] || need+=(postgresql)
 command -v kubectl >/dev/null 2>&1 || echo "note: kubectl not found; the Kubernetes end-to-end tests need it" >&2
 if [ ${#need[@]} -gt 0 ]; then

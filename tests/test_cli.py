@@ -9,6 +9,7 @@ from __future__ import annotations
 import copy
 import json
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -270,6 +271,34 @@ def test_report_draws_the_studys_plots_and_a_page_that_shows_them(finished_study
     assert all(f'src="{p.name}"' in page for p in written[:-1])
     assert "tiny: Succeeded" in page and "4 complete" in page
     assert result.stderr == ""  # no warnings on the user's terminal
+
+
+@needs_fashion_mnist
+@pytest.mark.skipif(shutil.which("tmux") is None, reason="tmux (Debian package tmux) is not installed")
+@pytest.mark.parametrize("columns", [80, 160])
+def test_on_a_real_terminal_the_live_display_fits_its_width_and_leaves_no_fragments(tmp_path, columns):
+    # A tmux pane as the user's terminal: the display on stderr, the table to a file.
+    study_file = write_study(tmp_path, name="a-study-with-a-name-long-enough-to-crowd-an-80-column-line")
+    server = f"strata-test-{columns}-{tmp_path.name}"
+    command = (f"{STRATA} run {study_file} --workers 2 > {tmp_path / 'table.txt'}; "
+               f"echo $? > {tmp_path / 'exit'}; sleep 60")
+    subprocess.run(["tmux", "-L", server, "new-session", "-d", "-x", str(columns), "-y", "50", "-c", str(tmp_path),
+                    command], check=True, timeout=30)
+    try:
+        wait_for(lambda: (tmp_path / "exit").exists() and (tmp_path / "exit").read_text().strip(), timeout=240,
+                 interval=0.5, message="the study to end in tmux")
+        pane = subprocess.run(["tmux", "-L", server, "capture-pane", "-p", "-S", "-200"], capture_output=True,
+                              text=True, timeout=30).stdout
+    finally:
+        subprocess.run(["tmux", "-L", server, "kill-server"], capture_output=True, timeout=30)
+
+    assert (tmp_path / "exit").read_text().strip() == "0"
+    lines = [line.rstrip() for line in pane.splitlines() if line.strip()]
+    assert lines and max(len(line) for line in lines) <= columns, pane
+    assert sum("eta" in line for line in lines) == 1, pane  # one bar left on screen, no wrapped fragments
+    assert sum(line.startswith("done ") for line in lines) == 1 and any(line.startswith("done 4/4") for line in lines)
+    for number in range(4):
+        assert sum(line.startswith(f"trial {number} complete") for line in lines) == 1, pane
 
 
 def test_version_and_help_on_every_option():
