@@ -392,27 +392,27 @@ def build_parser() -> argparse.ArgumentParser:
     run.set_defaults(func=cmd_run)
     for name, func, text in (("status", cmd_status, "show a study's trials and summary"),
                              ("best", cmd_best, "show the best trial")):
-        p = sub.add_parser(name, help=text, description=f"{text[0].upper()}{text[1:]}, by study file or by "
-                                                        "--storage and --study.")
-        p.add_argument("study_file", nargs="?", help="the HPOStudy manifest the study ran from")
-        p.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (default: the study "
-                                                        "file's storage)")
-        p.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the study "
-                                                       "file's metadata.name)")
+        p = _reading(sub, name, text, f"{text[0].upper()}{text[1:]}, by study file or by --storage and --study.")
         p.add_argument("--json", action="store_true", help="print JSON (the report's shape) instead of text")
         p.set_defaults(func=func)
-    report = sub.add_parser("report", help="draw a study's plots (PNG) and a page that shows them",
-                            description="Draw a study's plots: best value over wall time, each trial's waiting and "
-                                        "training, time saved by reuse, values and times by reused layers, and "
-                                        "Optuna's history and slice plots; PNG files and an index.html.")
-    report.add_argument("study_file", nargs="?", help="the HPOStudy manifest the study ran from")
-    report.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (default: the study "
-                                                         "file's storage)")
-    report.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the study "
-                                                        "file's metadata.name)")
+    report = _reading(sub, "report", "draw a study's plots (PNG) and a page that shows them",
+                      "Draw a study's plots: best value over wall time, each trial's waiting and training, time "
+                      "saved by reuse, values and times by reused layers, and Optuna's history and slice plots; PNG "
+                      "files and an index.html.")
     report.add_argument("--out", metavar="DIR", help="where to write (default: NAME.report/ next to the study file)")
     report.set_defaults(func=cmd_report)
     return parser
+
+
+def _reading(sub, name: str, text: str, description: str) -> argparse.ArgumentParser:
+    """A command that reads a study: by its file, or by --storage and --study."""
+    p = sub.add_parser(name, help=text, description=description)
+    p.add_argument("study_file", nargs="?", help="the HPOStudy manifest the study ran from")
+    p.add_argument("--storage", metavar="URL", help="Optuna storage URL or journal file (default: the study "
+                                                    "file's storage)")
+    p.add_argument("--study", metavar="NAME", help="the study's name in the storage (default: the study "
+                                                   "file's metadata.name)")
+    return p
 
 
 def main(argv: list[str] | None = None) -> int:
