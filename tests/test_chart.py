@@ -1064,3 +1064,18 @@ def test_the_chart_readme_lists_every_value_and_is_up_to_date() -> None:
     for key in ("global.imageRegistry", "trainer.podSecurityContext", "metrics.prometheusRule.enabled",
                 "networkPolicy.enabled", "postgresql.auth.existingSecret", "externalObjectStore.webIdentity.stsEndpoint"):
         assert f"| `{key}` |" in readme, key
+
+
+
+def test_minio_keys_from_an_existing_secret_survive_template_based_gitops() -> None:
+    values = {"minio": {"enabled": True, "auth": {"existingSecret": "layer-store-keys"}}}
+    first = manifests(values)
+    assert first == manifests(values)
+    assert not [d for d in first if d["kind"] == "Secret" and "minio" in d["metadata"]["name"]]
+    refs = {e["valueFrom"]["secretKeyRef"]["name"] for d in first if d["kind"] in ("StatefulSet", "Job")
+            for c in d["spec"]["template"]["spec"]["containers"] for e in c.get("env", []) if "valueFrom" in e
+            and "secretKeyRef" in e["valueFrom"]}
+    assert refs == {"layer-store-keys"}
+    env = env_of(operator_container(first))
+    assert env["STRATA_OBJECT_STORE_SECRET"]["value"] == "layer-store-keys"
+    assert env["STRATA_S3_ACCESS_KEY"]["valueFrom"]["secretKeyRef"]["name"] == "layer-store-keys"

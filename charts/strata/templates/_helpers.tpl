@@ -137,7 +137,7 @@ and the tag is then ignored.
 {{- if and .Values.minio.enabled (or .Values.externalObjectStore.existingSecret .Values.externalObjectStore.endpoint) }}
 {{- fail "set either minio.enabled or externalObjectStore, not both" }}
 {{- else if .Values.minio.enabled }}
-{{- include "strata.minio.fullname" . }}
+{{- .Values.minio.auth.existingSecret | default (include "strata.minio.fullname" .) }}
 {{- else }}
 {{- .Values.externalObjectStore.existingSecret }}
 {{- end }}
