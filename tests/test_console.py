@@ -225,3 +225,23 @@ def test_changes_to_what_a_trial_means_are_each_named_with_old_and_new_values():
         "searchSpace.lr.high: 0.1 -> 0.2",
         "training.epochs: 1 -> 5",
     ]
+
+
+
+def test_rate_and_eta_count_this_runs_trials_and_wait_until_they_mean_something():
+    from rich.progress import Progress as Bar
+
+    from strata.console import _EtaColumn, _RateColumn
+
+    clock = [0.0]
+    bar = Bar(get_time=lambda: clock[0])
+    task = bar.add_task("s", total=12, base=2)  # a resumed study: 2 trials were done before this run
+    bar.update(task, completed=2)
+    clock[0] = 5.0
+    bar.update(task, completed=3)
+    assert str(_RateColumn().render(bar.tasks[0])) == "-/min"  # 5 s in: not yet
+    assert str(_EtaColumn().render(bar.tasks[0])) == "eta -:--:--"
+    clock[0] = 60.0
+    bar.update(task, completed=5)  # 3 trials in this run's first minute
+    assert str(_RateColumn().render(bar.tasks[0])) == "3.0/min"
+    assert str(_EtaColumn().render(bar.tasks[0])) == "eta 0:02:20"  # 7 left at 3 a minute

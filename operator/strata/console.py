@@ -19,7 +19,7 @@ from rich.console import Console
 from rich.markup import escape
 from rich.measure import Measurement
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, Task, TextColumn, \
-    TimeElapsedColumn, TimeRemainingColumn
+    TimeElapsedColumn
 from rich.table import Column, Table
 from rich.text import Text
 
@@ -111,12 +111,30 @@ class TrialEvents:
 # --- the live display --------------------------------------------------------------------------------
 
 
-class _RateColumn(ProgressColumn):
-    """Trials per minute (rich's own speed estimate over the recent updates)."""
+def _rate(task: Task) -> float | None:
+    """Trials per second finished by this run (a resumed study's earlier trials do not count), once
+    it has run 10 s and finished one: rich's own estimate jumps wildly over the first few trials."""
+    done = task.completed - (task.fields.get("base") or 0)
+    elapsed = task.elapsed or 0.0
+    return done / elapsed if done > 0 and elapsed >= 10 else None
 
+
+class _RateColumn(ProgressColumn):
     def render(self, task: Task) -> Text:
-        speed = task.finished_speed or task.speed
-        return Text(f"{speed * 60:.1f}/min" if speed else "-/min", style="progress.data.speed")
+        rate = _rate(task)
+        return Text(f"{rate * 60:.1f}/min" if rate else "-/min", style="progress.data.speed")
+
+
+class _EtaColumn(ProgressColumn):
+    def render(self, task: Task) -> Text:
+        rate = _rate(task)
+        if task.finished:
+            return Text("eta 0:00:00", style="progress.remaining")
+        if not rate or task.total is None:
+            return Text("eta -:--:--", style="progress.remaining")
+        left = int(max(0.0, (task.total - task.completed) / rate))
+        shown = f"{left // 3600}:{left % 3600 // 60:02d}:{left % 60:02d}" if left < 86400 else ">1 day"
+        return Text(f"eta {shown}", style="progress.remaining")
 
 
 class _StudyProgress(Progress):
@@ -154,10 +172,9 @@ class ProgressDisplay:
             self._bar = _StudyProgress(
                 TextColumn("[bold]{task.description}", table_column=Column(no_wrap=True, overflow="ellipsis",
                                                                            max_width=28)),
-                BarColumn(bar_width=None), MofNCompleteColumn(), TimeElapsedColumn(),
-                TextColumn("eta"), TimeRemainingColumn(), _RateColumn(),
+                BarColumn(bar_width=None), MofNCompleteColumn(), TimeElapsedColumn(), _EtaColumn(), _RateColumn(),
                 console=self.console, expand=True, refresh_per_second=4)
-            self._task = self._bar.add_task(escape(name), total=total)
+            self._task = self._bar.add_task(escape(name), total=total, base=None)
             self._bar.start()
 
     def update(self, progress, outcome=None, plan=None) -> None:
@@ -169,6 +186,8 @@ class ProgressDisplay:
             for style, text in events:
                 self._bar.console.print(Text(text, style=style), soft_wrap=False, overflow="fold")
             self._bar.status = Text(line, no_wrap=True, overflow="ellipsis")
+            if self._bar.tasks[0].fields.get("base") is None:  # what a resumed study had finished before
+                self._bar.update(self._task, base=progress.finished)
             self._bar.update(self._task, completed=progress.finished)
             return
         for _, text in events:
