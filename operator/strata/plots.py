@@ -61,7 +61,8 @@ def best_over_time(report: dict[str, Any], ax) -> None:
     ax.set_xlabel("wall time since the first trial started (min)")
     ax.set_ylabel(report.get("metric") or "value")
     ax.set_title(f"{report['study']}: best {report.get('metric') or 'value'} over the study's wall time")
-    ax.legend(loc="best", fontsize="small")
+    if done:
+        ax.legend(loc="best", fontsize="small")
 
 
 def timeline(report: dict[str, Any], ax) -> None:
@@ -93,7 +94,8 @@ def reuse_saved(report: dict[str, Any], ax) -> None:
     ax.set_title(f"Time saved by reuse: about {total:.0f} s in all (colour: reused layers)")
     for n in sorted(set(layers)):
         ax.bar([], [], color=f"C{min(n, 9)}", label=f"{n} layers reused")
-    ax.legend(loc="best", fontsize="small")
+    if layers:
+        ax.legend(loc="best", fontsize="small")
 
 
 def distributions(report: dict[str, Any], axes) -> None:
