@@ -38,7 +38,7 @@ In production point it at your own database and bucket (`externalDatabase.existi
 (`rbac.scope=namespace`, `watchNamespaces`), and turn on `metrics.serviceMonitor`,
 `metrics.prometheusRule` and `networkPolicy`. GitOps (`helm template`): give
 `postgresql.auth.existingSecret` so no generated password changes between renders. OpenShift:
-`trainer.podSecurityContext: {}`.
+`openshift: true` (detected by itself when the cluster serves `security.openshift.io/v1`).
 
 ## Values
 

@@ -162,3 +162,21 @@ allowPrivilegeEscalation: false
 capabilities:
   drop: ["ALL"]
 {{- end }}
+
+{{/*
+"true" on OpenShift: openshift true, or null and the cluster serves security.openshift.io/v1. There
+the restricted-v2 SCC assigns every pod's uid, gid and fsGroup from the namespace's range, and a pod
+that names its own is refused: the chart's pods then name none (runAsNonRoot and seccomp stay).
+*/}}
+{{- define "strata.openshift" -}}
+{{- if or (eq (toString .Values.openshift) "true") (and (kindIs "invalid" .Values.openshift) (.Capabilities.APIVersions.Has "security.openshift.io/v1")) }}true{{ end }}
+{{- end }}
+
+{{/* A pod securityContext without the ids OpenShift assigns: (dict "ctx" $ "context" MAP). */}}
+{{- define "strata.podSecurityContext" -}}
+{{- if include "strata.openshift" .ctx }}
+{{- toYaml (omit .context "runAsUser" "runAsGroup" "fsGroup" "fsGroupChangePolicy") }}
+{{- else }}
+{{- toYaml .context }}
+{{- end }}
+{{- end }}
