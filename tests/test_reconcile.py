@@ -224,3 +224,18 @@ def test_without_a_store_for_their_logs_finished_pods_stay(reconciler, k8s_api):
     r.reconcile()
     r.reconcile()
     assert 0 in r.pods()
+
+
+def test_with_reuse_off_the_checkpoint_store_still_keeps_removed_pods_logs(reconciler, k8s_api, tmp_path):
+    k8s_api.handler.pod_logs = lambda namespace, name: f"log of {name}\n"
+    layers = tmp_path / "layers"
+    r = reconciler(trials={"max": 3, "parallel": 1, "maxFailed": 5, "retries": 0}, reuse={"enabled": False},
+                   storage={"optunaUrl": f"sqlite:///{tmp_path / 'optuna.db'}", "checkpoints": str(layers)},
+                   trainer={"keepFinishedPods": {"count": 0}})
+    r.reconcile()
+    r.study().tell(0, 0.5)
+    r.set_pod_status(0, terminated("Succeeded", 0, "Completed"))
+    r.reconcile()
+    r.reconcile()
+    assert 0 not in r.pods()
+    assert (layers / "logs" / "default.fates" / "trial-00000.log").read_text() == "log of fates-trial-0\n"

@@ -131,6 +131,7 @@ class StudyRuntime:
     scheduler: TrialScheduler
     url: str  # the Optuna storage URL (shown only through redact)
     reported: set[int] = field(default_factory=set)  # worker trials whose end was seen (Events posted)
+    log_store: LayerRegistry | None = None  # where removed trial pods' logs go, when reuse is off
 
 
 @dataclass
@@ -229,11 +230,17 @@ class StudyService:
                 return None  # misconfigured (no endpoint): nothing to come back
         return LayerRegistry(store)
 
-    def _log_archive(self, runtime: StudyRuntime, spec: StudySpec) -> Callable[[int, str], str] | None:
+    def _log_archive(self, namespace: str, runtime: StudyRuntime, spec: StudySpec) -> Callable[[int, str], str] | None:
         """Where a removed trial pod's log goes: the study's layer store, under logs/STUDY/ (None: no store)."""
-        registry = runtime.scheduler.registry
         location = spec.storage.checkpoints or self.settings.checkpoints
-        if registry is None or not location:
+        if not location:
+            return None
+        registry = runtime.scheduler.registry
+        if registry is None:  # reuse is off: the same store still keeps the logs (opened once per study)
+            if runtime.log_store is None:
+                runtime.log_store = self._registry_for(namespace, spec)
+            registry = runtime.log_store
+        if registry is None:
             return None
         study = runtime.study.study_name
 
@@ -389,7 +396,7 @@ class StudyService:
             self._post_trial_events(runtime.study, exits, post)
             executor.mark_reported(exits)
             if isinstance(executor, PodExecutor):
-                executor.remove_finished(self._log_archive(runtime, spec))
+                executor.remove_finished(self._log_archive(namespace, runtime, spec))
             if executor.rejected:
                 outcome = scheduler.outcome(executor.active())
             if outcome.finished:
