@@ -214,15 +214,20 @@ def test_finished_trial_pods_beyond_the_kept_count_are_removed_once_their_logs_a
     assert not r.reasons("TrialFailed")  # a removed pod of a finished trial is not a lost trial
 
 
-def test_without_a_store_for_their_logs_finished_pods_stay(reconciler, k8s_api):
-    k8s_api.handler.pod_logs = lambda namespace, name: "log\n"
-    r = reconciler(trials={"max": 3, "parallel": 1, "maxFailed": 5, "retries": 0},
-                   trainer={"keepFinishedPods": {"count": 0}})
+def end_trial_0_and_clean_up(r: Reconciler) -> None:
+    """Trial 0 completes and its pod ends; a pass reports it, the next removes what keepFinishedPods says."""
     r.reconcile()
     r.study().tell(0, 0.5)
     r.set_pod_status(0, terminated("Succeeded", 0, "Completed"))
     r.reconcile()
     r.reconcile()
+
+
+def test_without_a_store_for_their_logs_finished_pods_stay(reconciler, k8s_api):
+    k8s_api.handler.pod_logs = lambda namespace, name: "log\n"
+    r = reconciler(trials={"max": 3, "parallel": 1, "maxFailed": 5, "retries": 0},
+                   trainer={"keepFinishedPods": {"count": 0}})
+    end_trial_0_and_clean_up(r)
     assert 0 in r.pods()
 
 
@@ -232,10 +237,6 @@ def test_with_reuse_off_the_checkpoint_store_still_keeps_removed_pods_logs(recon
     r = reconciler(trials={"max": 3, "parallel": 1, "maxFailed": 5, "retries": 0}, reuse={"enabled": False},
                    storage={"optunaUrl": f"sqlite:///{tmp_path / 'optuna.db'}", "checkpoints": str(layers)},
                    trainer={"keepFinishedPods": {"count": 0}})
-    r.reconcile()
-    r.study().tell(0, 0.5)
-    r.set_pod_status(0, terminated("Succeeded", 0, "Completed"))
-    r.reconcile()
-    r.reconcile()
+    end_trial_0_and_clean_up(r)
     assert 0 not in r.pods()
     assert (layers / "logs" / "default.fates" / "trial-00000.log").read_text() == "log of fates-trial-0\n"
