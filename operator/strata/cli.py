@@ -342,7 +342,7 @@ def cmd_report(args: argparse.Namespace) -> int:
 
     optuna_study, scheduler = _load_for_reading(args)
     report = build_report(optuna_study, scheduler, scheduler.outcome().phase)
-    _, _, name = _resolve(args)
+    name = optuna_study.study_name
     out = Path(args.out or (Path(args.study_file).resolve().parent / f"{name}.report" if args.study_file
                             else f"{name}.report"))
     try:

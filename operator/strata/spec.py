@@ -624,6 +624,9 @@ RESERVED_LABEL_PREFIXES = ("hpo.strata.dev/", "app.kubernetes.io/name", "app.kub
 MAX_EXTRA = 16  # extra env vars, volumes, mounts, pull secrets, spread constraints
 
 
+_check_volume_name = _checked(DNS_LABEL_PATTERN, "a volume name (a DNS label)", 63)
+
+
 class EnvVar(_Model):
     """An extra environment variable of the trainer container, as a container's env takes it."""
 
@@ -643,8 +646,7 @@ class EnvVar(_Model):
 
 
 class VolumeMount(_Model):
-    name: Annotated[str, AfterValidator(_checked(DNS_LABEL_PATTERN, "a volume name (a DNS label)", 63)),
-                    Field(json_schema_extra=_schema(DNS_LABEL_PATTERN, 63))]
+    name: Annotated[str, AfterValidator(_check_volume_name), Field(json_schema_extra=_schema(DNS_LABEL_PATTERN, 63))]
     mount_path: Annotated[str, AfterValidator(_checked(ABSOLUTE_PATH_PATTERN, "an absolute path without ':'")),
                           Field(json_schema_extra=_schema(ABSOLUTE_PATH_PATTERN, 4096))]
     read_only: bool = False
@@ -695,8 +697,10 @@ class TrainerPod(_Model):
         names = []
         for index, volume in enumerate(self.volumes):
             name = volume.get("name")
-            if not isinstance(name, str) or not re.fullmatch(DNS_LABEL_PATTERN, name) or len(name) > 63:
-                raise ValueError(f"volumes[{index}].name: {_shown(name)} is not a volume name (a DNS label)")
+            try:
+                _check_volume_name(name if isinstance(name, str) else "")
+            except ValueError:
+                raise ValueError(f"volumes[{index}].name: {_shown(name)} is not a volume name (a DNS label)") from None
             if name in RESERVED_VOLUMES or name in names:
                 raise ValueError(f"volumes[{index}].name: {name} is "
                                  + ("taken by the operator's own volumes (tmp, features)" if name in RESERVED_VOLUMES

@@ -131,8 +131,8 @@ def iso_now() -> str:
 
 
 def attr_time(value: Any) -> float | None:
-    """An attr timestamp as epoch seconds: an ISO 8601 string (what Strata writes) or a number (what
-    studies from before wrote)."""
+    """A timestamp as epoch seconds: an ISO 8601 string (what Strata writes in attrs, and Kubernetes'
+    `...Z` stamps) or a number (what studies from before wrote)."""
     import datetime as dt
 
     if value is None or isinstance(value, (int, float)):

@@ -21,7 +21,7 @@ from strata.executors import WorkerExit
 from strata.kube import builders
 from strata.kube.api import KubeApi
 from strata.spec import StudySpec
-from strata.study import ATTR_LOGS, ATTR_RETRY_OF, read_trial
+from strata.study import ATTR_LOGS, ATTR_RETRY_OF, attr_time, read_trial
 
 log = logging.getLogger(__name__)
 ATTR_POD = "strata.pod"  # set when a pod is created: a RUNNING trial with it but no pod was lost
@@ -86,11 +86,7 @@ class PodExecutor:
 
     def started_at(self, number: int) -> float:
         stamp = (self.pods[number].get("status") or {}).get("startTime") or self.pods[number]["metadata"].get("creationTimestamp")
-        if not stamp:
-            return time.time()
-        import datetime as dt
-
-        return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+        return attr_time(stamp) if stamp else time.time()
 
     def poll(self) -> list[WorkerExit]:
         exits = []
@@ -165,7 +161,7 @@ class PodExecutor:
         doomed = [number for rank, (ended, number) in enumerate(done)
                   if (keep.count is not None and rank >= keep.count)
                   or (keep.seconds is not None and now - ended > keep.seconds)]
-        removed = []
+        removed, folder_named = [], None if not doomed else self.study.user_attrs.get(ATTR_LOGS)
         for number in sorted(doomed)[:limit]:
             pod_name = self.pods[number]["metadata"]["name"]
             text = self.api.read_pod_log(self.namespace, pod_name, LOG_LIMIT_BYTES)
@@ -175,8 +171,9 @@ class PodExecutor:
                 except Exception as error:  # the store is down: keep the pods (and their logs) for now
                     log.warning("could not archive the log of %s, keeping the pod: %s", pod_name, error)
                     break
-                if self.study.user_attrs.get(ATTR_LOGS) != folder:
+                if folder_named != folder:
                     self.study.set_user_attr(ATTR_LOGS, folder)
+                    folder_named = folder
             self.api.delete_pod(self.namespace, pod_name, grace_seconds=0)
             del self.pods[number]
             removed.append(number)
@@ -191,15 +188,11 @@ class PodExecutor:
 
 def _finished_at(pod: dict[str, Any]) -> float:
     """When the pod's trainer ended (its container's finishedAt), else when the pod was made."""
-    import datetime as dt
-
     status = pod.get("status") or {}
     stamps = [((c.get("state") or {}).get("terminated") or {}).get("finishedAt")
               for c in status.get("containerStatuses") or []]
     stamp = next((s for s in stamps if s), None) or pod["metadata"].get("creationTimestamp")
-    if not stamp:
-        return time.time()
-    return dt.datetime.fromisoformat(str(stamp).replace("Z", "+00:00")).timestamp()
+    return attr_time(stamp) if stamp else time.time()
 
 
 def _api_reason(error: ApiException) -> str:
