@@ -7,6 +7,7 @@ sampler proposes next is fixed with Optuna's own enqueue_trial, the way a user p
 
 from __future__ import annotations
 
+import datetime
 import time
 from pathlib import Path
 from typing import Any
@@ -160,7 +161,8 @@ def test_a_deep_proposal_without_donors_waits_for_an_enqueued_donor_chain(simula
     assert plan.waiting == {0: "waits for donor trial 1", 1: "waits for donor trial 2"}
     assert sim.trial(1).user_attrs[ATTR_DONOR_FOR] == 0
     assert sim.trial(2).user_attrs[ATTR_DONOR_FOR] == 1
-    assert all(t.state == TrialState.RUNNING for t in sim.trials())
+    # the one that starts is RUNNING; the two that wait are parked in Optuna's WAITING, params kept
+    assert [t.state for t in sim.trials()] == [TrialState.WAITING, TrialState.WAITING, TrialState.RUNNING]
 
 
 def test_each_trial_of_the_chain_starts_once_its_donor_has_published(simulate):
@@ -183,20 +185,63 @@ def test_each_trial_of_the_chain_starts_once_its_donor_has_published(simulate):
     assert sim.launched_with_donor == {2: True, 1: True, 0: True}
 
 
-def test_a_trial_that_waited_for_its_donor_keeps_the_wait_apart_from_its_run_time(simulate):
-    # Optuna's duration runs from the ask; the wait for a donor is recorded as queued_seconds.
-    sim = simulate(study_spec(trials={"max": 2, "parallel": 1}))
+@pytest.mark.parametrize("storage", ["memory", "journal", "postgresql"])
+def test_a_trial_that_waits_for_its_donor_is_parked_so_optunas_duration_is_its_run_time(simulate, storage,
+                                                                                       tmp_path, request):
+    url = {"memory": None, "journal": f"journal://{tmp_path / 'study.optuna.journal'}"}.get(storage) \
+        or request.getfixturevalue("postgres_url")
+    sim = simulate(study_spec(trials={"max": 3, "parallel": 1}), url)
     sim.sampler_proposes(with_depth(DEEP, 2))
     assert sim.plan(free_slots=1).launch == [1]  # the donor, asked and started in one pass
+
+    # While it waits, trial 0 is Optuna's WAITING (the dashboard shows it so), params kept, and
+    # counted as waiting and towards the budget; a plain ask (a new proposal) never takes it.
+    waiting = sim.trial(0)
+    assert waiting.state == TrialState.WAITING and waiting.params == with_depth(DEEP, 2)
+    progress = sim.scheduler.progress(sim.active)
+    assert (progress.waiting, progress.running, progress.configs) == (1, 1, 2)
+    assert sim.scheduler.plan(sim.active, free_slots=0).waiting == {0: "no free slot"}
+    assert sim.trial(0).state == TrialState.WAITING  # nothing written for a trial still parked
     time.sleep(0.6)
     sim.complete(1)
+    asked_new = sim.scheduler.study.ask(sim.scheduler._distributions)
+    assert asked_new.number == 2 and sim.trial(0).state == TrialState.WAITING
+    sim.study.tell(2, 0.7)
 
+    before_start = datetime.datetime.now()
     assert sim.plan(free_slots=1).launch == [0]
-
-    waited = sim.trial(0)
-    assert waited.user_attrs["queued_seconds"] >= 0.6
-    assert waited.user_attrs["queued_seconds"] <= (waited.datetime_start.now() - waited.datetime_start).total_seconds()
+    started = sim.trial(0)
+    assert started.state == TrialState.RUNNING  # what the trainer requires
+    assert started.datetime_start >= before_start - datetime.timedelta(milliseconds=50)  # the clock restarted
+    assert started.user_attrs["queued_seconds"] >= 0.6  # the wait, kept apart
     assert "queued_seconds" not in sim.trial(1).user_attrs
+    sim.complete(0)
+    done = sim.trial(0)
+    assert (done.datetime_complete - done.datetime_start).total_seconds() < 0.5  # Optuna's duration: the run
+
+
+def test_a_parked_trial_that_repeats_a_finished_one_or_outlives_the_study_is_told(simulate):
+    shallow = with_depth(DEEP, 1)
+    sim = simulate(study_spec(trials={"max": 8, "parallel": 2}))
+    sim.sampler_proposes(shallow)
+    assert sim.plan(free_slots=1).launch == [0]
+    sim.sampler_proposes(shallow)  # the sampler repeats a configuration under way
+    assert sim.plan(free_slots=1).waiting[1] == "repeats trial 0, which is under way"
+    assert sim.trial(1).state == TrialState.WAITING
+    sim.complete(0, value=0.25)
+
+    sim.plan(free_slots=1)  # trial 1 gets trial 0's result: set RUNNING again, then told
+    repeat = sim.trial(1)
+    assert (repeat.state, repeat.value, repeat.user_attrs[ATTR_DUPLICATE_OF]) == (TrialState.COMPLETE, 0.25, 0)
+
+    sim.sampler_proposes(DEEP)
+    sim.plan(free_slots=0)
+    parked = [t for t in sim.trials() if t.state == TrialState.WAITING and t.params]
+    assert parked and sim.active
+    sim.scheduler.stop_waiting(sim.active, "study ended")
+    for t in parked:
+        failed = sim.trial(t.number)
+        assert failed.state == TrialState.FAIL and failed.user_attrs[ATTR_FAIL_KIND] == "interrupted"
 
 
 def test_a_deep_proposal_whose_donor_is_published_starts_at_once(simulate):

@@ -129,7 +129,8 @@ class DistinctSampler(BaseSampler):
                 continue
             key = self._finished_keys.get(t.number)
             if key is None:
-                params = t.params if t.state != TrialState.WAITING else t.system_attrs.get("fixed_params", {})
+                # WAITING: enqueued (its fixed params) or parked by the scheduler (asked: its params)
+                params = t.params or (t.system_attrs.get("fixed_params", {}) if t.state == TrialState.WAITING else {})
                 if not params:
                     continue
                 key = params_key(params)

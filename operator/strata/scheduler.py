@@ -38,7 +38,7 @@ from strata.spec import IntParam, StudySpec
 from strata.study import (
     ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
     ATTR_MODEL, ATTR_QUEUED_SECONDS, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY,
-    distributions, read_trial,
+    ParkingStudy, distributions, parked, read_trial,
 )
 
 log = logging.getLogger(__name__)
@@ -103,7 +103,7 @@ def root_of(trial: FrozenTrial) -> int:
 
 class TrialScheduler:
     def __init__(self, study: optuna.Study, spec: StudySpec, registry: LayerRegistry | None):
-        self.study = study
+        self.study = ParkingStudy.of(study)  # its asks leave the trials it parks alone
         self.spec = spec
         self.registry = registry
         self._distributions = distributions(spec)
@@ -144,11 +144,10 @@ class TrialScheduler:
                 p.pruned += 1
             elif t.state == TrialState.FAIL and t.user_attrs.get(ATTR_FAIL_KIND) != "interrupted":
                 p.failed += 1
-            elif t.state == TrialState.RUNNING:
-                if t.number in active:
-                    p.running += 1
-                else:
-                    p.waiting += 1
+            elif t.state == TrialState.RUNNING and t.number in active:
+                p.running += 1
+            elif _pending(t, active):
+                p.waiting += 1
             p.registry_load_failures += int(t.user_attrs.get(ATTR_REGISTRY_LOAD_FAILURES) or 0)
             p.registry_publish_failures += int(t.user_attrs.get(ATTR_REGISTRY_PUBLISH_FAILURES) or 0)
             if t.state in (TrialState.COMPLETE, TrialState.PRUNED):
@@ -231,8 +230,7 @@ class TrialScheduler:
             return plan
         if self._retry_failed(trials):
             trials = self.trials()
-        pending = sorted((t for t in trials if t.state == TrialState.RUNNING and t.number not in active),
-                         key=lambda t: t.number)
+        pending = sorted((t for t in trials if _pending(t, active)), key=lambda t: t.number)
         for t in pending:
             if self._tell_if_duplicate(t, trials):
                 continue
@@ -269,20 +267,39 @@ class TrialScheduler:
             # Nothing runs and everything waits: never stall, start the oldest trial without a donor.
             plan.launch.append(min(plan.waiting))
             del plan.waiting[plan.launch[0]]
-        self._record_queue_time(pending, plan.launch)
+        self._park_and_start(trials, {t.number for t in pending}, plan)
         return plan
 
-    def _record_queue_time(self, pending: list[FrozenTrial], launching: list[int]) -> None:
-        """Optuna counts a trial's duration from its ask; one asked in an earlier pass waited since
-        (for a donor or a slot). That wait is kept as `queued_seconds`, so a trial's run time is its
-        duration minus it (the report and the dashboard's attrs show it; asked and started in one
-        pass: no attr, nothing waited)."""
+    def _park_and_start(self, trials: list[FrozenTrial], pending: set[int], plan: Plan) -> None:
+        """Optuna's duration of a trial must be its run time, not its wait for a donor or a slot.
+
+        Optuna counts a trial's duration from its datetime_start, which it sets when the trial goes
+        RUNNING (asked, or popped from WAITING). So a trial that waits is parked: set back to WAITING
+        (Optuna's own state for a trial not started; the dashboard shows it so), with its params and
+        its ask time kept; when it starts it is set RUNNING again, which restarts Optuna's clock. The
+        wait is kept as `queued_seconds` (the report draws it apart). Asked and started in one pass
+        (not pending when it began): nothing waited, no attr."""
+        storage = self.study._storage
+        by_number = {t.number: t for t in trials}
         now = datetime.datetime.now()  # Optuna keeps datetime_start naive, in local time
-        for t in pending:
-            if t.number in launching and t.datetime_start is not None:
-                waited = (now - t.datetime_start).total_seconds()
-                if waited >= 0.5:
-                    self.study._storage.set_trial_user_attr(t._trial_id, ATTR_QUEUED_SECONDS, round(waited, 3))
+        for number in plan.launch:
+            t = by_number.get(number)
+            if number not in pending or t is None or t.datetime_start is None:
+                continue
+            waited = (now - t.datetime_start).total_seconds()
+            if waited >= 0.5:
+                storage.set_trial_user_attr(t._trial_id, ATTR_QUEUED_SECONDS, round(waited, 3))
+            if parked(t):
+                self._unpark(t)
+        for number in plan.waiting:
+            t = by_number.get(number)
+            if t is not None and t.state == TrialState.RUNNING:
+                storage.set_trial_state_values(t._trial_id, TrialState.WAITING)
+
+    def _unpark(self, t: FrozenTrial) -> None:
+        """A parked trial RUNNING again (its clock starts now), to start it or to tell it."""
+        if parked(t):
+            self.study._storage.set_trial_state_values(t._trial_id, TrialState.RUNNING)
 
     def _consider(self, t: FrozenTrial, trials, active, plan: Plan, free_slots: int) -> None:
         reason = self._wait_reason(t, trials, active | set(plan.launch))
@@ -321,6 +338,7 @@ class TrialScheduler:
         for t in trials:
             if t.number != trial.number and t.state in (TrialState.COMPLETE, TrialState.PRUNED) \
                     and _params_key(t.params) == key and ATTR_DUPLICATE_OF not in t.user_attrs:
+                self._unpark(trial)
                 storage = self.study._storage
                 storage.set_trial_user_attr(trial._trial_id, ATTR_DUPLICATE_OF, t.number)
                 for name in ("val_loss", "val_accuracy"):
@@ -397,7 +415,7 @@ class TrialScheduler:
         if ATTR_RETRY_OF not in t.user_attrs:
             key = _params_key(t.params)
             for u in trials:
-                if u.number < t.number and u.state == TrialState.RUNNING and _params_key(u.params) == key:
+                if u.number < t.number and _under_way(u) and _params_key(u.params) == key:
                     return f"repeats trial {u.number}, which is under way"
         if not self._reuse_aware():
             return None
@@ -409,7 +427,7 @@ class TrialScheduler:
             return None
         n = self._depth(t.params)
         for u in trials:
-            if u.number == t.number or u.state != TrialState.RUNNING:
+            if u.number == t.number or not _under_way(u):
                 continue
             m = self._depth(u.params)
             # running producers of any depth >= k, or pending shallower ones (no cycles)
@@ -448,8 +466,9 @@ class TrialScheduler:
         The retry itself is derived on the next plan(), so a restart between the two loses nothing.
         """
         trial = read_trial(self.study, number)
-        if trial.state != TrialState.RUNNING:
+        if trial.state != TrialState.RUNNING and not parked(trial):
             return
+        self._unpark(trial)
         storage = self.study._storage
         storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_KIND, kind)
         storage.set_trial_user_attr(trial._trial_id, ATTR_FAIL_REASON, reason[:500])
@@ -459,7 +478,7 @@ class TrialScheduler:
         """The study ended: trials asked but never started are failed so nothing stays RUNNING."""
         active = set(active)
         for t in self.trials():
-            if t.state == TrialState.RUNNING and t.number not in active:
+            if _pending(t, active):
                 self.fail_attempt(t.number, reason, kind="interrupted")
 
 
@@ -474,4 +493,15 @@ def _with(trials: list[FrozenTrial], trial: FrozenTrial) -> list[FrozenTrial]:
 
 def _counts_towards_max(t: FrozenTrial) -> bool:
     # Retries re-run a configuration; an enqueued trial (WAITING) counts once it is asked.
-    return ATTR_RETRY_OF not in t.user_attrs and t.state != TrialState.WAITING
+    return ATTR_RETRY_OF not in t.user_attrs and (t.state != TrialState.WAITING or parked(t))
+
+
+def _under_way(t: FrozenTrial) -> bool:
+    """Asked and not finished: running, or pending (RUNNING without a worker, or parked)."""
+    return t.state == TrialState.RUNNING or parked(t)
+
+
+def _pending(t: FrozenTrial, active: set[int]) -> bool:
+    """Asked, not started: parked (WAITING), or RUNNING without a live worker (asked by a pass
+    that ended before it parked or started it, or a worker lost before it claimed it)."""
+    return t.number not in active and _under_way(t)

@@ -148,6 +148,38 @@ def read_trial(study: optuna.Study, number: int) -> optuna.trial.FrozenTrial:
     return storage.get_trial(storage.get_trial_id_from_study_id_trial_number(study._study_id, number))
 
 
+def parked(trial: optuna.trial.FrozenTrial) -> bool:
+    """Asked, then parked by the scheduler until it starts: Optuna's WAITING state with its params
+    set (a trial enqueued but not asked yet has none, only `fixed_params`). Optuna's clock of a
+    trial restarts when it goes from WAITING to RUNNING, so its duration counts from its start,
+    not from its ask: the wait for a donor or a slot is not run time."""
+    return trial.state == optuna.trial.TrialState.WAITING and bool(trial.distributions)
+
+
+class ParkingStudy(optuna.Study):
+    """optuna.Study whose `ask` never pops a parked trial (a plain ask takes the oldest WAITING
+    trial, meant for enqueued ones); the scheduler starts parked trials itself. Everything else is
+    Optuna's: enqueue_trial + ask still take the enqueued trial."""
+
+    @classmethod
+    def of(cls, study: optuna.Study) -> "ParkingStudy":
+        if isinstance(study, cls):
+            return study
+        return cls(study.study_name, study._storage, sampler=study.sampler, pruner=study.pruner)
+
+    def _pop_waiting_trial_id(self) -> int | None:
+        for trial in self._storage.get_all_trials(self._study_id, deepcopy=False,
+                                                  states=(optuna.trial.TrialState.WAITING,)):
+            if parked(trial):
+                continue
+            try:  # as Optuna's own: another process may have popped or finished it meanwhile
+                if self._storage.set_trial_state_values(trial._trial_id, state=optuna.trial.TrialState.RUNNING):
+                    return trial._trial_id
+            except optuna.exceptions.UpdateFinishedTrialError:
+                continue
+        return None
+
+
 _statement_lock = threading.Lock()
 _statement_total = 0
 
@@ -422,7 +454,7 @@ def create_or_load_study(spec: StudySpec, name: str, storage: optuna.storages.Ba
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
             study.set_metric_names([spec.objective.metric])
-    return study
+    return ParkingStudy.of(study)
 
 
 def stored_spec(name: str, storage: optuna.storages.BaseStorage) -> dict[str, Any] | None:
