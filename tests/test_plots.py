@@ -40,3 +40,21 @@ def test_every_plot_is_drawn_without_a_warning_whatever_the_study_holds(tmp_path
                                          "distributions.png", "index.html"]
     assert all(p.stat().st_size > 1000 for p in written[:-1])
     assert "<h1>s: Running</h1>" in written[-1].read_text()
+
+
+def test_the_timeline_draws_a_trials_wait_before_its_start_then_start_up_then_training():
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    from strata.plots import timeline
+
+    waited = {**trial(1, "COMPLETE", 0.4, reused=1, started=110, training=112, finished=120), "queued_seconds": 8.0}
+    fig, ax = plt.subplots()
+    try:
+        timeline(report([trial(0, "COMPLETE", 0.5, started=100, training=101, finished=110), waited]), ax)
+        bars = [(round(b.get_x(), 3), round(b.get_width(), 3), b.get_y() + b.get_height() / 2) for b in ax.patches]
+    finally:
+        plt.close(fig)
+    # the first trial was asked at 100 (the origin); trial 1 was asked at 102, parked 8 s, started at 110
+    assert bars == [(0.0, 1.0, 0.0), (1.0, 9.0, 0.0), (2.0, 8.0, 1.0), (10.0, 2.0, 1.0), (12.0, 8.0, 1.0)]

@@ -1,7 +1,7 @@
 """`strata report`: a study's story as pictures, PNG files and one HTML page that shows them.
 
     best-over-time.png   each finished trial's value at the wall-clock time it ended, and the best so far
-    timeline.png         each trial from its start to its end: waiting and start-up, then training
+    timeline.png         each trial: its wait for a donor or a slot, start-up, then training
     reuse-saved.png      seconds each trial saved by reuse (the trainer's estimate), by reused layers
     distributions.png    values and training times of trials by how many layers they reused
     history.png, slice.png   Optuna's own plots (optuna.visualization.matplotlib)
@@ -66,19 +66,25 @@ def best_over_time(report: dict[str, Any], ax) -> None:
 
 
 def timeline(report: dict[str, Any], ax) -> None:
+    """A trial's Optuna start is when it started running; a trial that waited for a donor or a slot
+    was asked `queued_seconds` earlier (the scheduler parks it meanwhile), drawn before it."""
     trials = sorted(_finished(report), key=lambda t: t["number"])
-    origin = min((t["started_at"] for t in trials), default=0.0)
+    origin = min((t["started_at"] - (t.get("queued_seconds") or 0.0) for t in trials), default=0.0)
     colours = {"COMPLETE": "tab:green", "PRUNED": "tab:orange", "FAIL": "tab:red"}
     for row, t in enumerate(trials):
         start = t["started_at"] - origin
+        queued = t.get("queued_seconds") or 0.0
         training = (t.get("training_started") or t["started_at"]) - origin
         end = t["finished_at"] - origin
-        ax.barh(row, training - start, left=start, color="lightgray")
+        if queued:
+            ax.barh(row, queued, left=start - queued, color="whitesmoke", edgecolor="lightgray", linewidth=0.5)
+        ax.barh(row, training - start, left=start, color="darkgray")
         ax.barh(row, end - training, left=training, color=colours.get(t["state"], "tab:gray"))
     ax.set_yticks(range(len(trials)), [str(t["number"]) for t in trials], fontsize="x-small")
-    ax.set_xlabel("seconds since the first trial started")
+    ax.set_xlabel("seconds since the first trial was asked")
     ax.set_ylabel("trial")
-    ax.set_title("Trials: waiting and start-up (gray), then training (green complete, orange pruned, red failed)")
+    ax.set_title("Trials: waiting for a donor or a slot (light), start-up (gray), then training\n"
+                 "(green complete, orange pruned, red failed)", fontsize="medium")
 
 
 def reuse_saved(report: dict[str, Any], ax) -> None:
