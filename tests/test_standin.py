@@ -6,6 +6,7 @@ worker pod, `strata run`) with epochs of 0.01-0.05 s, and checks what Optuna and
 
 from __future__ import annotations
 
+import datetime
 import itertools
 import json
 import os
@@ -29,7 +30,8 @@ from strata.runner import run_loop
 from strata.scheduler import TrialScheduler
 from strata.spec import parse_spec
 from strata.study import (
-    ATTR_ASSIGNED, ATTR_DATA_CHECK, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_MODEL, ATTR_REUSED_LAYERS,
+    ATTR_ASSIGNED, ATTR_DATA_CHECK, ATTR_EPOCHS_RUN, ATTR_FAIL_REASON, ATTR_MODEL, ATTR_QUEUED_SECONDS,
+    ATTR_REUSED_LAYERS,
     ATTR_TRAIN_SECONDS, ATTR_TRAINING_STARTED, ATTR_WORKER, attr_time, create_or_load_study, data_check_key, distributions, open_storage,
 )
 from strata.workers import WarmWorkerExecutor
@@ -257,6 +259,42 @@ def test_a_worker_pod_of_standins_runs_its_assigned_trial_and_stops_on_sigterm(t
     frozen = study.get_trials()[trial.number]
     assert frozen.value == pytest.approx(objective_loss(spec, GOOD))  # a stand-in worker ran it
     assert frozen.user_attrs[ATTR_WORKER] == "pod-a"
+
+
+def test_a_worker_pod_restarts_optunas_clock_of_a_trial_that_waited_in_its_queue(tmp_path):
+    """Optuna's duration of a trial is its run time: one handed to the pod a second before the pod
+    took it, and one left parked by a claim cut between its two writes, both start their clock when
+    the pod starts them, and keep the wait in queued_seconds."""
+    spec = spec_of(epochs=2)
+    url = journal(tmp_path)
+    study = make_study(url, spec)
+    first = ask(study, spec, GOOD)
+    second = ask(study, spec, {**GOOD, "filters": 32})
+    for trial in (first, second):
+        study._storage.set_trial_user_attr(trial._trial_id, ATTR_ASSIGNED, "pod-a")
+    study._storage.set_trial_state_values(second._trial_id, TrialState.WAITING)  # parked, still the pod's
+    handed = datetime.datetime.now()
+    time.sleep(1.0)
+    env = {key: value for key, value in os.environ.items() if key != "STRATA_TRAINER_MODULE"}
+    pod = subprocess.Popen([sys.executable, "-m", MODULE, "--study", "standin", "--serve", "pod-a", "--slots", "1"],
+                           stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                           env={**env, "STRATA_STORAGE_URL": url, "STRATA_STANDIN_EPOCH_SECONDS": "0.3"})
+    try:
+        wait_for(lambda: all(t.state == TrialState.COMPLETE for t in study.get_trials()), timeout=60,
+                 message="both assigned trials complete")
+        pod.send_signal(signal.SIGTERM)
+        _, stderr = pod.communicate(timeout=30)
+    finally:
+        if pod.poll() is None:
+            pod.kill()
+            pod.wait()
+    assert pod.returncode == 0, stderr[-2000:]
+    one, two = study.get_trials()
+    assert one.user_attrs[ATTR_QUEUED_SECONDS] >= 1.0 and one.datetime_start >= handed + datetime.timedelta(seconds=1)
+    assert two.datetime_start >= one.datetime_complete  # one slot: it waited for the first to end
+    assert two.user_attrs[ATTR_QUEUED_SECONDS] >= (one.datetime_complete - handed).total_seconds() - 0.1
+    assert two.duration.total_seconds() < two.user_attrs[ATTR_QUEUED_SECONDS]  # 2 epochs of 0.3 s
+    assert {one.user_attrs[ATTR_WORKER], two.user_attrs[ATTR_WORKER]} == {"pod-a"}
 
 
 def test_strata_run_with_the_standin_module_completes_a_study_in_seconds(tmp_path):

@@ -21,7 +21,6 @@ Reuse-aware policy (the paper's future work, made concrete):
 
 from __future__ import annotations
 
-import datetime
 import logging
 import time
 from dataclasses import dataclass, field
@@ -34,11 +33,11 @@ from strata.families import Architecture, ConfigurationError, PrefixSignature, f
 from strata.registry import LayerRegistry
 from strata.sampling import params_key as _params_key
 from strata.objectstore import ObjectStoreError
-from strata.spec import IntParam, StudySpec
+from strata.spec import StudySpec
 from strata.study import (
     ATTR_ATTEMPT, ATTR_DONOR_FOR, ATTR_FAIL_REASON, ATTR_REGISTRY_LOAD_FAILURES, ATTR_REGISTRY_PUBLISH_FAILURES,
-    ATTR_MODEL, ATTR_QUEUED_SECONDS, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY,
-    ParkingStudy, distributions, parked, read_trial,
+    ATTR_MODEL, ATTR_REUSED_LAYERS, ATTR_RETRY_OF, ATTR_SECONDS_SAVED, ATTR_TEST_ACCURACY,
+    ParkingStudy, distributions, parked, read_trial, restart_clock, under_way,
 )
 
 log = logging.getLogger(__name__)
@@ -276,21 +275,16 @@ class TrialScheduler:
         Optuna counts a trial's duration from its datetime_start, which it sets when the trial goes
         RUNNING (asked, or popped from WAITING). So a trial that waits is parked: set back to WAITING
         (Optuna's own state for a trial not started; the dashboard shows it so), with its params and
-        its ask time kept; when it starts it is set RUNNING again, which restarts Optuna's clock. The
-        wait is kept as `queued_seconds` (the report draws it apart). Asked and started in one pass
-        (not pending when it began): nothing waited, no attr."""
+        its ask time kept; when it starts it is set RUNNING again, which restarts Optuna's clock, and
+        the wait is kept as `queued_seconds` (study.restart_clock; the report draws it apart). A
+        pending trial still RUNNING (its pass ended before it parked it) is restarted the same way.
+        Asked and started in one pass (not pending when it began): nothing waited, no attr."""
         storage = self.study._storage
         by_number = {t.number: t for t in trials}
-        now = datetime.datetime.now()  # Optuna keeps datetime_start naive, in local time
         for number in plan.launch:
             t = by_number.get(number)
-            if number not in pending or t is None or t.datetime_start is None:
-                continue
-            waited = (now - t.datetime_start).total_seconds()
-            if waited >= 0.5:
-                storage.set_trial_user_attr(t._trial_id, ATTR_QUEUED_SECONDS, round(waited, 3))
-            if parked(t):
-                self._unpark(t)
+            if number in pending and t is not None:
+                restart_clock(storage, t)
         for number in plan.waiting:
             t = by_number.get(number)
             if t is not None and t.state == TrialState.RUNNING:
@@ -415,7 +409,7 @@ class TrialScheduler:
         if ATTR_RETRY_OF not in t.user_attrs:
             key = _params_key(t.params)
             for u in trials:
-                if u.number < t.number and _under_way(u) and _params_key(u.params) == key:
+                if u.number < t.number and under_way(u) and _params_key(u.params) == key:
                     return f"repeats trial {u.number}, which is under way"
         if not self._reuse_aware():
             return None
@@ -427,7 +421,7 @@ class TrialScheduler:
             return None
         n = self._depth(t.params)
         for u in trials:
-            if u.number == t.number or not _under_way(u):
+            if u.number == t.number or not under_way(u):
                 continue
             m = self._depth(u.params)
             # running producers of any depth >= k, or pending shallower ones (no cycles)
@@ -496,12 +490,7 @@ def _counts_towards_max(t: FrozenTrial) -> bool:
     return ATTR_RETRY_OF not in t.user_attrs and (t.state != TrialState.WAITING or parked(t))
 
 
-def _under_way(t: FrozenTrial) -> bool:
-    """Asked and not finished: running, or pending (RUNNING without a worker, or parked)."""
-    return t.state == TrialState.RUNNING or parked(t)
-
-
 def _pending(t: FrozenTrial, active: set[int]) -> bool:
     """Asked, not started: parked (WAITING), or RUNNING without a live worker (asked by a pass
     that ended before it parked or started it, or a worker lost before it claimed it)."""
-    return t.number not in active and _under_way(t)
+    return t.number not in active and under_way(t)

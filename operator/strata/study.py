@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import datetime
 import hashlib
 import importlib.util
 import json
@@ -154,6 +155,35 @@ def parked(trial: optuna.trial.FrozenTrial) -> bool:
     trial restarts when it goes from WAITING to RUNNING, so its duration counts from its start,
     not from its ask: the wait for a donor or a slot is not run time."""
     return trial.state == optuna.trial.TrialState.WAITING and bool(trial.distributions)
+
+
+def under_way(trial: optuna.trial.FrozenTrial) -> bool:
+    """Asked and not finished: RUNNING, or parked until it starts."""
+    return trial.state == optuna.trial.TrialState.RUNNING or parked(trial)
+
+
+def restart_clock(storage: optuna.storages.BaseStorage, trial: optuna.trial.FrozenTrial,
+                  least_seconds: float = 0.5) -> float:
+    """Start a trial that waited since it was asked or handed over (parked, or RUNNING not yet
+    started): Optuna counts its duration from datetime_start, which it sets when a trial goes from
+    WAITING to RUNNING, so the trial goes WAITING (unless parked already) and RUNNING again, and the
+    wait joins its `queued_seconds`. The state is written before the attr: a start cut between the
+    writes loses the wait rather than counting it twice. A wait under `least_seconds` is left in
+    Optuna's duration (a parked trial is still set RUNNING). Returns the seconds added."""
+    running = optuna.trial.TrialState.RUNNING
+    waited = 0.0
+    if trial.datetime_start is not None:
+        waited = (datetime.datetime.now() - trial.datetime_start).total_seconds()  # naive local, as Optuna's
+    if waited < least_seconds:
+        if parked(trial):
+            storage.set_trial_state_values(trial._trial_id, running)
+        return 0.0
+    if trial.state == running:
+        storage.set_trial_state_values(trial._trial_id, optuna.trial.TrialState.WAITING)
+    storage.set_trial_state_values(trial._trial_id, running)
+    earlier = float(trial.user_attrs.get(ATTR_QUEUED_SECONDS) or 0.0)
+    storage.set_trial_user_attr(trial._trial_id, ATTR_QUEUED_SECONDS, round(earlier + waited, 3))
+    return waited
 
 
 class ParkingStudy(optuna.Study):

@@ -84,6 +84,10 @@ def test_an_oom_killed_worker_and_a_killed_operator_lose_and_repeat_no_trial(
     # each trial was claimed once, by one pod; pods are few and each ran several trials
     workers = [t.user_attrs["strata.worker"] for t in trials]
     assert len(set(workers)) <= 4 and max(workers.count(w) for w in set(workers)) >= 2
+    # Optuna's clock of each trial starts when its pod took it, not when it was queued for the pod
+    for t in trials:
+        assert t.datetime_start.timestamp() >= attr_time(t.user_attrs["strata.worker_started"]) - 0.6, t.number
+    assert any(t.user_attrs.get("queued_seconds", 0) >= 0.5 for t in trials)  # a queued one waited for a slot
     for log in (operator.output(), restarted.output()):
         assert "Traceback" not in log, log[-6000:]
 

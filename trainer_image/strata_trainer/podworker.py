@@ -6,12 +6,14 @@ The pod runs the trials the operator assigned it (strata.kube.worker_pods: the t
 thus share one GPU as separate processes on the same device (trialsPerGpu), each with its own CUDA
 context and memory, and each stopped alone by killing its process.
 
-Every POLL_SECONDS the pod reads the study's RUNNING trials and:
+Every POLL_SECONDS the pod reads the study's trials under way (RUNNING, or parked) and:
 - kills a trial the operator stopped (`strata.stop`, a timeout or the study's end) or finished;
 - records a trainer that ended without telling Optuna (a crash, a kill, a storage error):
   `strata.worker_exit` = {code, reason}, which the operator turns into a failed attempt;
 - claims its next assigned trials for its free slots (`strata.worker`, `strata.worker_started`)
-  and starts them, the claim written before training begins.
+  and starts them, the claim written before training begins. A trial that waited in this pod's
+  queue has Optuna's clock restarted first (WAITING, then RUNNING again), so Optuna's duration is
+  its run time; the wait is added to its `queued_seconds`.
 
 It runs until the pod is deleted (SIGTERM stops its trainers first) or the study is gone.
 """
@@ -27,7 +29,10 @@ import time
 import optuna
 from optuna.trial import TrialState
 
-from strata.study import ATTR_ASSIGNED, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED, iso_now
+from strata.study import (
+    ATTR_ASSIGNED, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED, iso_now,
+    restart_clock, under_way,
+)
 from strata.workers import WarmWorkerExecutor
 
 log = logging.getLogger("strata.podworker")
@@ -62,8 +67,8 @@ def serve_pod(storage_url: str, study_name: str, pod_name: str, slots: int) -> i
     try:
         while not stop.is_set():
             try:
-                running = {t.number: t for t in storage.get_all_trials(study_id, deepcopy=False,
-                                                                       states=(TrialState.RUNNING,))}
+                running = {t.number: t for t in storage.get_all_trials(
+                    study_id, deepcopy=False, states=(TrialState.RUNNING, TrialState.WAITING)) if under_way(t)}
             except KeyError:
                 log.info("study %s is gone: stopping", study_name)
                 return 0
@@ -106,8 +111,13 @@ def step(storage: optuna.storages.BaseStorage, executor: WarmWorkerExecutor, run
                      and ATTR_WORKER_STARTED not in t.user_attrs and not t.user_attrs.get(ATTR_STOP)),
                     key=lambda t: t.number)
     for trial in queued[:max(0, slots - len(executor.active()))]:
+        try:
+            restart_clock(storage, trial)
+        except optuna.exceptions.UpdateFinishedTrialError:
+            continue  # the operator ended it meanwhile (the study's end): nothing to claim
         storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER, pod_name)
         storage.set_trial_user_attr(trial._trial_id, ATTR_WORKER_STARTED, iso_now())
         executor.start(trial.number)
         claimed.append(trial.number)
     return claimed
+

@@ -41,7 +41,7 @@ from strata.kube.trial_pods import POD_REJECTED, TERMINAL, Happening, _api_reaso
 from strata.spec import StudySpec
 from strata.study import (
     ATTR_ASSIGNED, ATTR_REPORTED_BELOW, ATTR_RETRY_OF, ATTR_STOP, ATTR_WORKER, ATTR_WORKER_EXIT, ATTR_WORKER_STARTED,
-    attr_time, read_trial,
+    attr_time, read_trial, under_way,
 )
 QUEUED_PER_POD = 1  # trials waiting in a pod beyond those it runs: the next one, started without a reconcile
 SHORT_TRIAL_SECONDS = 3.0  # trials shorter than this (median of the last few) get a second queued one: a
@@ -104,8 +104,9 @@ class WorkerPodExecutor:
                    for n in self._live_pods())
 
     def _queue(self, pod_name: str) -> list[FrozenTrial]:
-        """RUNNING trials given to this pod (running or next), whose trainer has not given up."""
-        return [t for t in self.trials if t.state == TrialState.RUNNING and self._assigned_to(t) == pod_name
+        """Trials given to this pod (running or next), whose trainer has not given up: RUNNING, or for
+        a moment parked while the pod restarts Optuna's clock of a queued trial it claims."""
+        return [t for t in self.trials if under_way(t) and self._assigned_to(t) == pod_name
                 and ATTR_WORKER_EXIT not in t.user_attrs]
 
     # --- the Executor protocol -------------------------------------------------------------------
@@ -146,7 +147,7 @@ class WorkerPodExecutor:
                 if t.number not in self.reported:
                     exits.append(WorkerExit(t.number, 0, "Completed", 0.0))  # its Event (named by it) once
                 continue
-            if t.state != TrialState.RUNNING:
+            if not under_way(t):
                 continue
             given_up = t.user_attrs.get(ATTR_WORKER_EXIT)
             if given_up:
@@ -265,6 +266,6 @@ class WorkerPodExecutor:
         # Terminal pods whose trials are all dealt with: remove them (a new pod takes their place).
         for pod_name, pod in list(self.pods.items()):
             if (pod.get("status") or {}).get("phase") in TERMINAL and not any(
-                    t.state == TrialState.RUNNING and self._assigned_to(t) == pod_name for t in trials):
+                    under_way(t) and self._assigned_to(t) == pod_name for t in trials):
                 self.api.delete_pod(self.namespace, pod_name, grace_seconds=0)
                 del self.pods[pod_name]
