@@ -209,6 +209,39 @@ def hand_offs(created: dict[str, float], ended: dict[str, float], since: float, 
     return result
 
 
+def hand_off_breakdown(created: dict[str, float], ended: dict[str, float], since: float,
+                       until: float) -> dict[str, Any]:
+    """Where a hand-off's time goes, from the same API-server times: per hand-off, how many of its
+    study's pods were created after its slot freed and before its own pod ("launches ahead": a
+    reconcile launches one trial after another). Hand-offs with none ahead are the wake-up (pod end
+    -> watch event -> a reconcile worker -> the pass's reads and first ask); the gap between a pod
+    and the one created just before it, when that one was created after this slot freed, is one
+    launch within a pass (an ask, the trial's writes, its Event and pod)."""
+    by_study: dict[str, list[str]] = {}
+    for key in created:
+        match = re.fullmatch(r"(.+)-trial-(\d+)", key)
+        if match:
+            by_study.setdefault(match.group(1), []).append(key)
+    ahead_of: dict[int, list[float]] = {}
+    launch_gaps: list[float] = []
+    for pods in by_study.values():
+        starts = sorted(created[p] for p in pods)
+        ends = sorted(ended[p] for p in pods if p in ended)
+        for k, end in enumerate(ends):
+            if not since <= end <= until or PARALLEL + k >= len(starts):
+                continue
+            start = starts[PARALLEL + k]
+            between = [s for s in starts if end < s < start]
+            ahead_of.setdefault(min(len(between), 3), []).append(max(0.0, start - end))
+            if between:
+                launch_gaps.append(start - max(between))
+    rows = {f"{n}{'+' if n == 3 else ''}": {"hand_offs": len(v), "p50_s": round(_percentile(v, 0.5), 3),
+                                            "p95_s": round(_percentile(v, 0.95), 3)}
+            for n, v in sorted(ahead_of.items())}
+    return {"by_launches_ahead": rows, "launch_gap_p50_s": round(_percentile(launch_gaps, 0.5), 3),
+            "launch_gap_p95_s": round(_percentile(launch_gaps, 0.95), 3)}
+
+
 def _proc_cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
@@ -337,6 +370,7 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
             "hand_offs": len(waits), "hand_off_p50_s": _percentile(waits, 0.5),
             "hand_off_p95_s": _percentile(waits, 0.95), "hand_off_p99_s": _percentile(waits, 0.99),
             "trials_per_s": len(waits) / wall, "status_bytes_max": max(stats_after["hpostudies"].values() or [0]),
+            "hand_off_breakdown": hand_off_breakdown(stats_after["created"], stats_after["ended"], started, until),
         }
         print(f"  {studies:3d} studies: hand-off p50/p95/p99 {row['hand_off_p50_s']:.2f}/{row['hand_off_p95_s']:.2f}/"
               f"{row['hand_off_p99_s']:.2f} s ({len(waits)}), operator {row['operator_cores']:.2f} cores "
@@ -344,6 +378,7 @@ def measure_size(studies: int, args: argparse.Namespace, server, workdir: Path) 
               f"({row['reconcile_mean_s'] * 1000:.0f} ms each), "
               f"{row['api_requests_per_reconcile']:.1f} API req and {row['storage_calls_per_reconcile']:.1f} "
               f"storage calls per reconcile, status <= {row['status_bytes_max']} B; cores {row['cores']}", flush=True)
+        print(f"      hand-off by launches ahead in its pass: {row['hand_off_breakdown']}", flush=True)
         return row
     finally:
         if operator is not None and operator.poll() is None:
