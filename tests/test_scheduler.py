@@ -220,6 +220,19 @@ def test_a_trial_that_waits_for_its_donor_is_parked_so_optunas_duration_is_its_r
     assert (done.datetime_complete - done.datetime_start).total_seconds() < 0.5  # Optuna's duration: the run
 
 
+def test_a_trial_asked_by_a_pass_that_ended_before_starting_it_restarts_its_clock_when_it_starts(simulate):
+    sim = simulate(study_spec(trials={"max": 3, "parallel": 1}))
+    sim.sampler_proposes(with_depth(DEEP, 1))
+    asked = sim.scheduler.study.ask(sim.scheduler._distributions)  # RUNNING, no worker: the pass was cut
+    time.sleep(0.6)
+    before_start = datetime.datetime.now()
+    assert sim.plan(free_slots=1).launch == [asked.number]
+    started = sim.trial(asked.number)
+    assert started.state == TrialState.RUNNING
+    assert started.datetime_start >= before_start - datetime.timedelta(milliseconds=50)
+    assert started.user_attrs["queued_seconds"] >= 0.6
+
+
 def test_a_parked_trial_that_repeats_a_finished_one_or_outlives_the_study_is_told(simulate):
     shallow = with_depth(DEEP, 1)
     sim = simulate(study_spec(trials={"max": 8, "parallel": 2}))
